@@ -1,0 +1,100 @@
+"""Typed contract of the Rust extension ``eplb_xfer._core``."""
+
+from os import PathLike
+
+__version__: str
+
+class NixlUnavailable(RuntimeError):
+    """NIXL's C API library could not be found or loaded."""
+
+class PeerTransferError(RuntimeError):
+    """A peer failed or timed out during a layer exchange.
+
+    ``args`` is ``(message: str, peer: int, layer: int)``.
+    """
+
+class TransferPlan:
+    """Per-rank, per-layer transfer plan, computed once in Rust.
+
+    Rows are local slot indices ``0..n_local`` of the rank in question.
+    Every method raises ``IndexError`` for a layer or rank out of range.
+    """
+
+    @property
+    def num_layers(self) -> int: ...
+    @property
+    def num_slots(self) -> int: ...
+    @property
+    def ep_size(self) -> int: ...
+    @property
+    def n_local(self) -> int: ...
+    def unchanged(self, layer: int, rank: int) -> list[int]:
+        """Rows whose expert stays (or whose new slot is empty, -1)."""
+    def local_copies(self, layer: int, rank: int) -> list[tuple[int, int, int]]:
+        """``(expert, src_row, dst_row)``: experts this rank already holds."""
+    def recvs(self, layer: int, rank: int) -> list[tuple[int, int, int, int]]:
+        """``(expert, src_rank, src_row, dst_row)``: one per missing expert,
+        sorted by ``(src_rank, dst_row)``."""
+    def dup_fills(self, layer: int, rank: int) -> list[tuple[int, int, int]]:
+        """``(expert, src_row, dst_row)``: copies of a received primary row."""
+    def sends(self, layer: int, rank: int) -> list[tuple[int, int, list[int]]]:
+        """``(expert, src_row, readers)``: each expert row served once."""
+    def changed_runs(self, layer: int, rank: int) -> list[tuple[int, int]]:
+        """Changed rows merged into ``(start, length)`` runs."""
+    def layer_moves(self, layer: int) -> bool:
+        """True if any rank changes any row of ``layer``."""
+    def summary(self) -> dict[str, int]:
+        """Totals: ``num_layers, num_slots, ep_size, recvs, local_copies, dup_fills``."""
+
+def plan_rebalance_bytes(
+    old: bytes,
+    new: bytes,
+    num_layers: int,
+    num_slots: int,
+    ep_size: int,
+    node_of_rank: list[int] | None = None,
+) -> TransferPlan:
+    """Plans from little-endian int64 ``[num_layers, num_slots]`` buffers.
+
+    Raises ``ValueError`` naming the argument and value on invalid placements.
+    """
+
+class NixlEngine:
+    """One rank's NIXL endpoint (agent, registrations, prepared lists, protocol).
+
+    Raises ``NixlUnavailable`` if the library cannot be loaded, ``ValueError``
+    on an invalid layout, ``RuntimeError`` on NIXL failures.
+    """
+
+    def __init__(
+        self,
+        lib_path: str | PathLike[str],
+        agent_name: str,
+        rank: int,
+        world: int,
+        mode: str,
+        device: str,
+        device_id: int,
+        timeout_s: float,
+        n_local: int,
+        weights: list[list[tuple[int, int, int]]],
+        buffer: list[tuple[int, int, int]],
+        packed: tuple[int, int] | None,
+        regions: list[tuple[int, int]],
+    ) -> None: ...
+    def local_blob(self) -> bytes:
+        """Agent name, NIXL metadata and layout, for every peer."""
+    def connect(self, blobs: list[bytes]) -> None:
+        """Loads all ranks' blobs (index = rank); prepares lists once."""
+    def exchange_plan(self, plan: TransferPlan, layer: int) -> dict[str, object]:
+        """This rank's part of ``layer``; returns ``rows_per_peer``,
+        ``bytes_read``, ``seconds``. Raises ``PeerTransferError``."""
+    def exchange_reads(self, layer: int, reads: list[tuple[int, int, int]]) -> dict[str, object]:
+        """One exchange for explicit ``(src_rank, src_row, dst_row)`` reads."""
+    @property
+    def prepared_lists_built(self) -> int: ...
+    @property
+    def exchanges(self) -> int: ...
+    def close(self, linger_s: float = 5.0) -> None:
+        """Says goodbye to peers (waits at most ``linger_s`` for theirs), then
+        releases agent and registrations (idempotent)."""

@@ -1,0 +1,160 @@
+"""Tensor glue: validation, row layouts and the torch copies of a rebalance.
+
+Everything here is Python-side because it touches torch tensors; the plan it
+executes comes from Rust.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class RowLayout:
+    """Row geometry of one stacked tensor: row r at ``base + r * row_stride``."""
+
+    base: int
+    row_stride: int
+    row_bytes: int
+
+    def as_tuple(self) -> tuple[int, int, int]:
+        return (self.base, self.row_stride, self.row_bytes)
+
+
+def row_layout(t: torch.Tensor, name: str) -> RowLayout:
+    """Row layout of ``t`` (rows along dim 0); each row must be contiguous."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.dim() < 1:
+        raise ValueError(
+            f"{name}: expected a tensor with a row dimension, got shape {tuple(t.shape)}"
+        )
+    if t.shape[0] > 0 and not t[0].is_contiguous():
+        raise ValueError(f"{name}: each row (expert) must be contiguous; strides {t.stride()}")
+    es = t.element_size()
+    row_bytes = (t[0].numel() if t.shape[0] > 0 else 0) * es
+    if row_bytes == 0:
+        raise ValueError(f"{name}: rows of 0 bytes (shape {tuple(t.shape)})")
+    stride = t.stride(0) * es if t.shape[0] > 1 else row_bytes
+    if t.shape[0] > 1 and stride < row_bytes:
+        raise ValueError(f"{name}: rows overlap (row stride {stride} B < row size {row_bytes} B)")
+    return RowLayout(t.data_ptr(), stride, row_bytes)
+
+
+def span(t: torch.Tensor) -> tuple[int, int]:
+    """``(addr, nbytes)`` covering every row of ``t``."""
+    lay = row_layout(t, "tensor")
+    n = t.shape[0]
+    return (lay.base, lay.row_stride * (n - 1) + lay.row_bytes if n else 0)
+
+
+def to_indices(x: object, name: str) -> np.ndarray:
+    """Converts a torch tensor / numpy array / nested list to int64 ``[L, P]``."""
+    if isinstance(x, torch.Tensor):
+        if x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
+            raise TypeError(f"{name}: expected an integer tensor, got dtype {x.dtype}")
+        arr = x.detach().to("cpu").numpy()
+    elif isinstance(x, np.ndarray):
+        arr = x
+    elif isinstance(x, (list, tuple)):
+        arr = np.asarray(x)
+    else:
+        raise TypeError(f"{name}: expected a torch.Tensor or numpy.ndarray, got {type(x).__name__}")
+    if arr.dtype.kind not in "iu":
+        raise TypeError(f"{name}: expected integer values, got dtype {arr.dtype}")
+    if arr.ndim != 2:
+        raise ValueError(f"{name}: expected shape [num_layers, num_slots], got {tuple(arr.shape)}")
+    return np.ascontiguousarray(arr, dtype=np.int64)
+
+
+def validate_weights(
+    expert_weights: Sequence[Sequence[torch.Tensor]],
+    expert_buffer: Sequence[torch.Tensor],
+    n_local: int | None = None,
+) -> tuple[int, torch.device]:
+    """Checks the weights/buffer contract; returns ``(n_local, device)``.
+
+    Every layer has the same tensors (count, dtype, row shape) as
+    ``expert_buffer``; all tensors share one device and ``n_local`` rows.
+    """
+    if not isinstance(expert_buffer, (list, tuple)) or len(expert_buffer) == 0:
+        raise ValueError("expert_buffer: expected a non-empty list of tensors")
+    if not isinstance(expert_weights, (list, tuple)):
+        raise TypeError(
+            f"expert_weights: expected a list of layers, got {type(expert_weights).__name__}"
+        )
+    ref = expert_buffer[0]
+    if not isinstance(ref, torch.Tensor):
+        raise TypeError(f"expert_buffer[0]: expected a torch.Tensor, got {type(ref).__name__}")
+    device = ref.device
+    rows = ref.shape[0] if ref.dim() > 0 else -1
+    if n_local is not None and rows != n_local:
+        raise ValueError(f"expert_buffer[0]: has {rows} rows, expected n_local={n_local}")
+    n_local = rows
+    for t_idx, b in enumerate(expert_buffer):
+        row_layout(b, f"expert_buffer[{t_idx}]")
+        if b.device != device:
+            raise ValueError(f"expert_buffer[{t_idx}]: on {b.device}, expected {device}")
+        if b.shape[0] != n_local:
+            raise ValueError(f"expert_buffer[{t_idx}]: has {b.shape[0]} rows, expected {n_local}")
+    for l_idx, layer in enumerate(expert_weights):
+        if not isinstance(layer, (list, tuple)):
+            raise TypeError(
+                f"expert_weights[{l_idx}]: expected a list of tensors, got {type(layer).__name__}"
+            )
+        if len(layer) != len(expert_buffer):
+            raise ValueError(
+                f"expert_weights[{l_idx}]: has {len(layer)} tensors, expected {len(expert_buffer)} "
+                "(like expert_buffer)"
+            )
+        for t_idx, (w, b) in enumerate(zip(layer, expert_buffer)):
+            name = f"expert_weights[{l_idx}][{t_idx}]"
+            row_layout(w, name)
+            if w.device != device:
+                raise ValueError(f"{name}: on {w.device}, expected {device}")
+            if w.dtype != b.dtype or tuple(w.shape) != tuple(b.shape):
+                raise ValueError(
+                    f"{name}: {w.dtype} {tuple(w.shape)} does not match expert_buffer[{t_idx}] "
+                    f"{b.dtype} {tuple(b.shape)}"
+                )
+    return n_local, device
+
+
+def expert_bytes(tensors: Sequence[torch.Tensor]) -> int:
+    """Bytes of one expert row summed over a layer's tensors."""
+    return sum(t[0].numel() * t.element_size() for t in tensors)
+
+
+def byte_row(t: torch.Tensor, row: int) -> torch.Tensor:
+    """Row ``row`` of ``t`` as a flat uint8 view (no copy)."""
+    return t[row].reshape(-1).view(torch.uint8)
+
+
+def copy_rows(
+    dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor], pairs: Sequence[tuple[int, int]]
+) -> None:
+    """``dst[t][d] = src[t][s]`` for every ``(s, d)`` pair and tensor ``t``."""
+    if not pairs:
+        return
+    for d_t, s_t in zip(dst, src):
+        for s, d in pairs:
+            d_t[d].copy_(s_t[s])
+
+
+def copy_runs(
+    dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor], runs: Sequence[tuple[int, int]]
+) -> None:
+    """``dst[t][a:a+n] = src[t][a:a+n]`` for each ``(a, n)`` run: one copy per run."""
+    for d_t, s_t in zip(dst, src):
+        for a, n in runs:
+            d_t[a : a + n].copy_(s_t[a : a + n])
+
+
+def synchronize(device: torch.device) -> None:
+    """Waits for every CUDA stream on ``device`` (no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

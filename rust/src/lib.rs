@@ -1,0 +1,9 @@
+//! eplb-xfer core: plan, layout and descriptor code in plain Rust, NIXL loaded
+//! at run time, and (feature `python`) the PyO3 bindings in `python.rs`.
+
+pub mod descriptors;
+pub mod layout;
+pub mod nixl;
+pub mod plan;
+#[cfg(feature = "python")]
+mod python;

@@ -1,0 +1,533 @@
+//! Safe wrapper over one NIXL agent with a UCX backend.
+//!
+//! Owns every handle it creates (backend, registrations, prepared lists, the
+//! notification map) and releases them in reverse order on drop.
+
+use std::ffi::{c_char, c_int, c_void, CStr, CString};
+use std::ptr;
+use std::sync::Arc;
+
+use super::ffi::{self, Api};
+use super::NixlError;
+
+/// Where registered memory lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MemKind {
+    /// Host memory (CPU tensors).
+    Dram,
+    /// Device memory (CUDA tensors); `dev_id` is the CUDA ordinal.
+    Vram,
+}
+
+impl MemKind {
+    fn raw(self) -> c_int {
+        match self {
+            MemKind::Dram => ffi::MEM_DRAM,
+            MemKind::Vram => ffi::MEM_VRAM,
+        }
+    }
+}
+
+/// A prepared descriptor list owned by its [`Agent`]; an index into its table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PreparedList {
+    slot: usize,
+    len: usize,
+}
+
+impl PreparedList {
+    /// Number of descriptors in the list.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    /// True when the list has no descriptors.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// A posted (or postable) transfer request.
+#[derive(Debug)]
+pub struct XferReq {
+    raw: ffi::XferReq,
+}
+
+/// State of a transfer request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum XferState {
+    Done,
+    InProgress,
+}
+
+pub struct Agent {
+    api: Arc<Api>,
+    raw: ffi::Agent,
+    backend: ffi::Backend,
+    name: String,
+    mem: MemKind,
+    dev_id: u64,
+    notif_map: ffi::NotifMap,
+    registrations: Vec<ffi::RegDlist>,
+    prepared: Vec<ffi::DlistHandle>,
+}
+
+// SAFETY: NIXL agents are thread-safe under their default sync mode, and this
+// wrapper is only ever used from one thread at a time (it sits behind a Mutex).
+unsafe impl Send for Agent {}
+
+fn check(status: ffi::Status, what: &'static str) -> Result<(), NixlError> {
+    if status == ffi::SUCCESS {
+        Ok(())
+    } else {
+        Err(NixlError::Call { what, status })
+    }
+}
+
+fn cstring(s: &str, what: &'static str) -> Result<CString, NixlError> {
+    CString::new(s).map_err(|_| NixlError::InvalidName {
+        what,
+        name: s.to_string(),
+    })
+}
+
+impl Agent {
+    /// Creates an agent named `name` with a UCX backend.
+    pub fn new(api: Arc<Api>, name: &str, mem: MemKind, dev_id: u64) -> Result<Agent, NixlError> {
+        let cname = cstring(name, "agent name")?;
+        let mut raw: ffi::Agent = ptr::null_mut();
+        // SAFETY: valid C string and out-pointer.
+        check(
+            unsafe { (api.create_agent)(cname.as_ptr(), &mut raw) },
+            "create_agent",
+        )?;
+        let mut agent = Agent {
+            api,
+            raw,
+            backend: ptr::null_mut(),
+            name: name.to_string(),
+            mem,
+            dev_id,
+            notif_map: ptr::null_mut(),
+            registrations: Vec::new(),
+            prepared: Vec::new(),
+        };
+        agent.init_backend()?;
+        let mut map: ffi::NotifMap = ptr::null_mut();
+        // SAFETY: out-pointer.
+        check(
+            unsafe { (agent.api.create_notif_map)(&mut map) },
+            "create_notif_map",
+        )?;
+        agent.notif_map = map;
+        Ok(agent)
+    }
+
+    fn init_backend(&mut self) -> Result<(), NixlError> {
+        let plugin = c"UCX";
+        let mut mems: ffi::MemList = ptr::null_mut();
+        let mut params: ffi::Params = ptr::null_mut();
+        // SAFETY: agent is live; out-pointers are valid.
+        check(
+            unsafe {
+                (self.api.get_plugin_params)(self.raw, plugin.as_ptr(), &mut mems, &mut params)
+            },
+            "get_plugin_params(UCX)",
+        )?;
+        let mut backend: ffi::Backend = ptr::null_mut();
+        // SAFETY: params came from get_plugin_params.
+        let status =
+            unsafe { (self.api.create_backend)(self.raw, plugin.as_ptr(), params, &mut backend) };
+        // SAFETY: both were allocated by get_plugin_params and are not used again.
+        unsafe {
+            (self.api.destroy_mem_list)(mems);
+            (self.api.destroy_params)(params);
+        }
+        check(status, "create_backend(UCX)")?;
+        self.backend = backend;
+        Ok(())
+    }
+
+    /// The agent's unique name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Registers `(addr, len)` regions of this agent's memory kind and device.
+    pub fn register(&mut self, regions: &[(u64, u64)]) -> Result<(), NixlError> {
+        if regions.is_empty() {
+            return Ok(());
+        }
+        let mut dlist: ffi::RegDlist = ptr::null_mut();
+        // SAFETY: out-pointer.
+        check(
+            unsafe { (self.api.create_reg_dlist)(self.mem.raw(), &mut dlist, false) },
+            "create_reg_dlist",
+        )?;
+        for &(addr, len) in regions {
+            // SAFETY: dlist is live; no per-descriptor metadata.
+            let st = unsafe {
+                (self.api.reg_dlist_add_desc)(
+                    dlist,
+                    addr as usize,
+                    len as usize,
+                    self.dev_id,
+                    ptr::null(),
+                    0,
+                )
+            };
+            if st != ffi::SUCCESS {
+                // SAFETY: dlist is live and not registered.
+                unsafe { (self.api.destroy_reg_dlist)(dlist) };
+                return Err(NixlError::Call {
+                    what: "reg_dlist_add_desc",
+                    status: st,
+                });
+            }
+        }
+        let opt = self.backend_opt_args()?;
+        // SAFETY: all handles are live.
+        let st = unsafe { (self.api.register_mem)(self.raw, dlist, opt) };
+        // SAFETY: opt_args were created above.
+        unsafe { (self.api.destroy_opt_args)(opt) };
+        if st != ffi::SUCCESS {
+            // SAFETY: registration failed, so the list is ours to destroy.
+            unsafe { (self.api.destroy_reg_dlist)(dlist) };
+            return Err(NixlError::Call {
+                what: "register_mem",
+                status: st,
+            });
+        }
+        self.registrations.push(dlist);
+        Ok(())
+    }
+
+    fn backend_opt_args(&self) -> Result<ffi::OptArgs, NixlError> {
+        let mut opt: ffi::OptArgs = ptr::null_mut();
+        // SAFETY: out-pointer.
+        check(
+            unsafe { (self.api.create_opt_args)(&mut opt) },
+            "create_opt_args",
+        )?;
+        // SAFETY: both live.
+        let st = unsafe { (self.api.opt_args_add_backend)(opt, self.backend) };
+        if st != ffi::SUCCESS {
+            // SAFETY: created above.
+            unsafe { (self.api.destroy_opt_args)(opt) };
+            return Err(NixlError::Call {
+                what: "opt_args_add_backend",
+                status: st,
+            });
+        }
+        Ok(opt)
+    }
+
+    /// This agent's metadata blob, to be loaded by its peers.
+    pub fn local_metadata(&self) -> Result<Vec<u8>, NixlError> {
+        let mut data: *mut c_void = ptr::null_mut();
+        let mut len: usize = 0;
+        // SAFETY: out-pointers.
+        check(
+            unsafe { (self.api.get_local_md)(self.raw, &mut data, &mut len) },
+            "get_local_md",
+        )?;
+        // SAFETY: the C API malloc'ed `len` bytes at `data`.
+        let out = unsafe { std::slice::from_raw_parts(data as *const u8, len) }.to_vec();
+        // SAFETY: malloc'ed by the C API, not used after this.
+        unsafe { ffi::free_c(data) };
+        Ok(out)
+    }
+
+    /// Loads a peer's metadata; returns the peer's agent name.
+    pub fn load_remote(&self, md: &[u8]) -> Result<String, NixlError> {
+        if md.is_empty() {
+            return Err(NixlError::Protocol("empty peer metadata".into()));
+        }
+        let mut name: *mut c_char = ptr::null_mut();
+        // SAFETY: md is a valid slice; out-pointer.
+        check(
+            unsafe {
+                (self.api.load_remote_md)(
+                    self.raw,
+                    md.as_ptr() as *const c_void,
+                    md.len(),
+                    &mut name,
+                )
+            },
+            "load_remote_md",
+        )?;
+        // SAFETY: strdup'ed NUL-terminated string.
+        let s = unsafe { CStr::from_ptr(name) }
+            .to_string_lossy()
+            .into_owned();
+        // SAFETY: strdup'ed by the C API.
+        unsafe { ffi::free_c(name as *mut c_void) };
+        Ok(s)
+    }
+
+    /// Forgets a peer's metadata (best effort, used on close).
+    pub fn invalidate_remote(&self, peer: &str) {
+        if let Ok(c) = CString::new(peer) {
+            // SAFETY: live agent, valid C string.
+            let _ = unsafe { (self.api.invalidate_remote_md)(self.raw, c.as_ptr()) };
+        }
+    }
+
+    /// Opens the connection to a peer ahead of the first transfer.
+    pub fn connect(&self, peer: &str) -> Result<(), NixlError> {
+        let c = cstring(peer, "peer agent name")?;
+        // SAFETY: live agent, valid C string.
+        check(
+            unsafe { (self.api.agent_make_connection)(self.raw, c.as_ptr(), ptr::null_mut()) },
+            "make_connection",
+        )
+    }
+
+    /// Prepares a descriptor list on `owner` (`None` = this agent's memory).
+    /// `descs` are `(addr, len)` in the owner's address space.
+    pub fn prepare(
+        &mut self,
+        owner: Option<&str>,
+        descs: &[(u64, u64)],
+        dev_id: u64,
+    ) -> Result<PreparedList, NixlError> {
+        let owner_c = cstring(owner.unwrap_or(""), "peer agent name")?;
+        let mut dlist: ffi::XferDlist = ptr::null_mut();
+        // SAFETY: out-pointer.
+        check(
+            unsafe { (self.api.create_xfer_dlist)(self.mem.raw(), &mut dlist, false) },
+            "create_xfer_dlist",
+        )?;
+        for &(addr, len) in descs {
+            // SAFETY: live list.
+            let st = unsafe {
+                (self.api.xfer_dlist_add_desc)(dlist, addr as usize, len as usize, dev_id)
+            };
+            if st != ffi::SUCCESS {
+                // SAFETY: created above.
+                unsafe { (self.api.destroy_xfer_dlist)(dlist) };
+                return Err(NixlError::Call {
+                    what: "xfer_dlist_add_desc",
+                    status: st,
+                });
+            }
+        }
+        let opt = self.backend_opt_args()?;
+        let mut handle: ffi::DlistHandle = ptr::null_mut();
+        // SAFETY: live handles.
+        let st = unsafe {
+            (self.api.prep_xfer_dlist)(self.raw, owner_c.as_ptr(), dlist, &mut handle, opt)
+        };
+        // SAFETY: prepared lists copy their descriptors; both are ours.
+        unsafe {
+            (self.api.destroy_opt_args)(opt);
+            (self.api.destroy_xfer_dlist)(dlist);
+        }
+        check(st, "prep_xfer_dlist")?;
+        self.prepared.push(handle);
+        Ok(PreparedList {
+            slot: self.prepared.len() - 1,
+            len: descs.len(),
+        })
+    }
+
+    fn handle(&self, list: PreparedList) -> Result<ffi::DlistHandle, NixlError> {
+        self.prepared
+            .get(list.slot)
+            .copied()
+            .ok_or_else(|| NixlError::Protocol(format!("unknown prepared list {}", list.slot)))
+    }
+
+    /// Builds and posts a READ of `remote[remote_idx]` into `local[local_idx]`.
+    /// Returns the request and whether it already completed.
+    pub fn post_read(
+        &self,
+        local: PreparedList,
+        local_idx: &[c_int],
+        remote: PreparedList,
+        remote_idx: &[c_int],
+    ) -> Result<(XferReq, XferState), NixlError> {
+        if local_idx.len() != remote_idx.len() {
+            return Err(NixlError::Protocol(format!(
+                "descriptor count mismatch: {} local vs {} remote",
+                local_idx.len(),
+                remote_idx.len()
+            )));
+        }
+        let sides = [
+            (local_idx, local.len, "local"),
+            (remote_idx, remote.len, "remote"),
+        ];
+        for (&i, lim, side) in sides
+            .iter()
+            .flat_map(|&(idx, lim, side)| idx.iter().map(move |i| (i, lim, side)))
+        {
+            if i < 0 || i as usize >= lim {
+                return Err(NixlError::Protocol(format!(
+                    "{side} descriptor index {i} out of range 0..{lim}"
+                )));
+            }
+        }
+        let (lh, rh) = (self.handle(local)?, self.handle(remote)?);
+        let opt = self.backend_opt_args()?;
+        let mut raw: ffi::XferReq = ptr::null_mut();
+        // SAFETY: handles are live prepared lists; indices validated above.
+        let st = unsafe {
+            (self.api.make_xfer_req)(
+                self.raw,
+                ffi::OP_READ,
+                lh,
+                local_idx.as_ptr(),
+                local_idx.len(),
+                rh,
+                remote_idx.as_ptr(),
+                remote_idx.len(),
+                &mut raw,
+                opt,
+            )
+        };
+        if st != ffi::SUCCESS {
+            // SAFETY: created above.
+            unsafe { (self.api.destroy_opt_args)(opt) };
+            return Err(NixlError::Call {
+                what: "make_xfer_req",
+                status: st,
+            });
+        }
+        let req = XferReq { raw };
+        // SAFETY: live request.
+        let st = unsafe { (self.api.post_xfer_req)(self.raw, req.raw, opt) };
+        // SAFETY: created above.
+        unsafe { (self.api.destroy_opt_args)(opt) };
+        match st {
+            ffi::SUCCESS => Ok((req, XferState::Done)),
+            ffi::IN_PROG => Ok((req, XferState::InProgress)),
+            s => {
+                self.release(req);
+                Err(NixlError::Call {
+                    what: "post_xfer_req",
+                    status: s,
+                })
+            }
+        }
+    }
+
+    /// Polls a posted request.
+    pub fn status(&self, req: &XferReq) -> Result<XferState, NixlError> {
+        // SAFETY: live request.
+        match unsafe { (self.api.get_xfer_status)(self.raw, req.raw) } {
+            ffi::SUCCESS => Ok(XferState::Done),
+            ffi::IN_PROG => Ok(XferState::InProgress),
+            s => Err(NixlError::Call {
+                what: "get_xfer_status",
+                status: s,
+            }),
+        }
+    }
+
+    /// Releases a request (aborting it if still in flight).
+    pub fn release(&self, req: XferReq) {
+        // SAFETY: live request, consumed here.
+        unsafe {
+            if (self.api.release_xfer_req)(self.raw, req.raw) == ffi::SUCCESS {
+                (self.api.destroy_xfer_req)(req.raw);
+            }
+        }
+    }
+
+    /// Sends a standalone notification to a peer whose metadata is loaded.
+    pub fn notify(&self, peer: &str, msg: &[u8]) -> Result<(), NixlError> {
+        let c = cstring(peer, "peer agent name")?;
+        let opt = self.backend_opt_args()?;
+        // SAFETY: live agent, valid buffers.
+        let st = unsafe {
+            (self.api.gen_notif)(
+                self.raw,
+                c.as_ptr(),
+                msg.as_ptr() as *const c_void,
+                msg.len(),
+                opt,
+            )
+        };
+        // SAFETY: created above.
+        unsafe { (self.api.destroy_opt_args)(opt) };
+        check(st, "gen_notif")
+    }
+
+    /// Drains received notifications into `out` as `(sender agent, message)`.
+    pub fn drain_notifs(&self, out: &mut Vec<(String, Vec<u8>)>) -> Result<(), NixlError> {
+        let map = self.notif_map;
+        // SAFETY: live map.
+        unsafe { (self.api.notif_map_clear)(map) };
+        // SAFETY: live agent and map.
+        check(
+            unsafe { (self.api.get_notifs)(self.raw, map, ptr::null_mut()) },
+            "get_notifs",
+        )?;
+        let mut n_agents = 0usize;
+        // SAFETY: live map.
+        check(
+            unsafe { (self.api.notif_map_size)(map, &mut n_agents) },
+            "notif_map_size",
+        )?;
+        for i in 0..n_agents {
+            let mut name: *const c_char = ptr::null();
+            // SAFETY: i < size.
+            check(
+                unsafe { (self.api.notif_map_get_agent_at)(map, i, &mut name) },
+                "notif_map_get_agent_at",
+            )?;
+            // SAFETY: NUL-terminated string owned by the map, valid until clear.
+            let sender = unsafe { CStr::from_ptr(name) }
+                .to_string_lossy()
+                .into_owned();
+            let mut n = 0usize;
+            // SAFETY: name is a key of the map.
+            check(
+                unsafe { (self.api.notif_map_get_notifs_size)(map, name, &mut n) },
+                "notif_map_get_notifs_size",
+            )?;
+            for j in 0..n {
+                let mut data: *const c_void = ptr::null();
+                let mut len = 0usize;
+                // SAFETY: j < n.
+                check(
+                    unsafe { (self.api.notif_map_get_notif)(map, name, j, &mut data, &mut len) },
+                    "notif_map_get_notif",
+                )?;
+                let msg = if len == 0 {
+                    Vec::new()
+                } else {
+                    // SAFETY: the map owns `len` bytes at `data` until clear.
+                    unsafe { std::slice::from_raw_parts(data as *const u8, len) }.to_vec()
+                };
+                out.push((sender.clone(), msg));
+            }
+        }
+        // SAFETY: live map.
+        unsafe { (self.api.notif_map_clear)(map) };
+        Ok(())
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        // SAFETY: every handle below was created by this agent and is released once.
+        unsafe {
+            for h in self.prepared.drain(..) {
+                (self.api.release_xfer_dlist_handle)(self.raw, h);
+            }
+            for d in std::mem::take(&mut self.registrations) {
+                let opt = self.backend_opt_args().unwrap_or(ptr::null_mut());
+                (self.api.deregister_mem)(self.raw, d, opt);
+                if !opt.is_null() {
+                    (self.api.destroy_opt_args)(opt);
+                }
+                (self.api.destroy_reg_dlist)(d);
+            }
+            if !self.notif_map.is_null() {
+                (self.api.destroy_notif_map)(self.notif_map);
+            }
+            (self.api.destroy_agent)(self.raw);
+        }
+    }
+}
