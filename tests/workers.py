@@ -52,3 +52,142 @@ def rebalance_cases(rank: int, world: int, backend: str, mode: str, seeds: list[
         errs = verify(MIXED, weights, old, new, rank, world, E, seed)
         report.append((seed, errs, stats.experts_received, comm.staging_bytes))
     return report
+
+
+def copy_rows_(dst, src, pairs):
+    for d_t, s_t in zip(dst, src):
+        for s, d in pairs:
+            d_t[d].copy_(s_t[s])
+
+
+def vllm_style_cases(rank: int, world: int, mode: str, seeds: list[int], pass_old: bool):
+    """Drives a NixlCommunicator the way vLLM's EPLB driver does: per layer
+    set_transfer_context, add_send/add_recv per expert, execute(), then the
+    caller commits the buffer. Returns mismatch lists and counters."""
+    report = []
+    for seed in seeds:
+        old, new, E = scenario(seed, world, 2, 3, empty=1)
+        weights, buffer = build_weights(MIXED, old, rank, world, E, seed)
+        comm = eplb_xfer.NixlCommunicator(None, weights, buffer, mode=mode, timeout_s=30.0)
+        plan = eplb_xfer.plan_rebalance(old, new, world)
+        for layer in range(old.shape[0]):
+            w = weights[layer]
+            copy_rows_(buffer, w, [(s, d) for _e, s, d in plan.local_copies(layer, rank)])
+            if not pass_old:
+                comm.set_transfer_context(torch.from_numpy(old), layer)
+            else:
+                comm.set_transfer_context(old[layer], layer)
+            for e, src_row, readers in plan.sends(layer, rank):
+                for r in readers:
+                    comm.add_send([t[src_row] for t in w], r, e)
+            for e, src, _src_row, dst in plan.recvs(layer, rank):
+                comm.add_recv([b[dst] for b in buffer], src, e)
+            if pass_old:
+                comm.execute(old_indices=old[layer])
+            else:
+                comm.execute()
+            copy_rows_(buffer, buffer, [(s, d) for _e, s, d in plan.dup_fills(layer, rank)])
+            for a, n in plan.changed_runs(layer, rank):
+                for wt, bt in zip(w, buffer):
+                    wt[a : a + n].copy_(bt[a : a + n])
+        errs = verify(MIXED, weights, old, new, rank, world, E, seed)
+        report.append((seed, errs, comm.staging_bytes, comm.exchanges))
+        comm.close()
+    return report
+
+
+def repeated_rebalances(rank: int, world: int, mode: str, rounds: int):
+    """One communicator, several rebalances: prepared lists are built once."""
+    seed = 100
+    old, _, E = scenario(seed, world, 2, 3, empty=0)
+    weights, buffer = build_weights(MIXED, old, rank, world, E, seed)
+    comm = eplb_xfer.NixlCommunicator(None, weights, buffer, mode=mode, timeout_s=30.0)
+    built_after_setup = comm.prepared_lists_built
+    rng = np.random.default_rng(seed + 1)
+    errors = []
+    cur = old
+    from eplb_xfer.testing import random_placement
+
+    for _ in range(rounds):
+        nxt = random_placement(rng, cur.shape[0], E, cur.shape[1], 0)
+        eplb_xfer.rearrange_expert_weights_inplace(cur, nxt, weights, buffer, None, comm)
+        errors += verify(MIXED, weights, old, nxt, rank, world, E, seed)
+        cur = nxt
+    out = (built_after_setup, comm.prepared_lists_built, comm.staging_bytes, errors)
+    comm.close()
+    return out
+
+
+def bad_input_then_reuse(rank: int, world: int, backend: str, mode: str):
+    """Bad calls raise before anything moves; the communicator stays usable."""
+    seed = 7
+    old, new, E = scenario(seed, world, 2, 3, empty=1)
+    weights, buffer = build_weights(MIXED, old, rank, world, E, seed)
+    snapshot = [[t.clone() for t in layer] for layer in weights]
+    comm = make_comm(backend, weights, buffer, mode)
+    caught = []
+
+    def expect(exc_type, fn):
+        try:
+            fn()
+        except exc_type as e:
+            caught.append(str(e))
+            return
+        raise AssertionError(f"expected {exc_type.__name__}")
+
+    run = eplb_xfer.rearrange_expert_weights_inplace
+    expect(ValueError, lambda: run(old[:1], new, weights, buffer, None, comm))
+    expect(ValueError, lambda: run(old, new[:, :-1], weights, buffer, None, comm))
+    bad = new.copy()
+    bad[0, 0] = -5
+    expect(ValueError, lambda: run(old, bad, weights, buffer, None, comm))
+    missing = new.copy()
+    missing[1, 0] = E + 50  # no slot of old holds it
+    expect(ValueError, lambda: run(old, missing, weights, buffer, None, comm))
+    expect(TypeError, lambda: run(old.astype(np.float32), new, weights, buffer, None, comm))
+    expect(ValueError, lambda: run(old, new, weights[:1], buffer, None, comm))
+    expect(ValueError, lambda: run(old, new, weights, buffer[:2], None, comm))
+    if backend == "nixl":
+        expect(ValueError, lambda: comm.add_recv([t[0] for t in weights[0]], 0, 1))
+        expect(ValueError, lambda: comm.add_send([buffer[0][0]], 0, 1))
+        expect(ValueError, lambda: comm.add_recv([b[0] for b in buffer], world + 3, 1))
+        expect(ValueError, lambda: comm.execute())  # no transfer context yet
+    untouched = all(
+        torch.equal(a, b) for la, lb in zip(weights, snapshot) for a, b in zip(la, lb)
+    )
+    run(old, new, weights, buffer, None, comm)
+    errs = verify(MIXED, weights, old, new, rank, world, E, seed)
+    comm.close()
+    return untouched, errs, caught
+
+
+def peer_dies_mid_rebalance(rank: int, world: int, mode: str, victim: int):
+    """``victim`` exits right after committing layer 0; survivors must raise
+    TransferError for layer 1 with committed_layers == [0] and layers >= 1
+    unchanged."""
+    import os
+    import time
+
+    seed = 11
+    rng = np.random.default_rng(seed)
+    n_local, L = 3, 3
+    E = world * n_local - world
+    old = random_placement(rng, L, E, world * n_local, 0)
+    new = np.roll(old, n_local, axis=1)  # every rank gets another rank's experts
+    weights, buffer = build_weights(MIXED, old, rank, world, E, seed)
+    comm = eplb_xfer.NixlCommunicator(None, weights, buffer, mode=mode, timeout_s=3.0)
+
+    def on_layer(layer: int) -> None:
+        if rank == victim and layer == 0:
+            os._exit(17)
+
+    t0 = time.monotonic()
+    try:
+        eplb_xfer.rearrange_expert_weights_inplace(
+            old, new, weights, buffer, None, comm, on_layer=on_layer
+        )
+    except eplb_xfer.TransferError as e:
+        elapsed = time.monotonic() - t0
+        errs = verify(MIXED, weights, old, new, rank, world, E, seed, layers=[0])
+        return ("TransferError", e.peer, e.layer, e.committed_layers, errs, elapsed, str(e))
+    return ("no error",)

@@ -1,7 +1,7 @@
 //! The per-layer transfer protocol over one NIXL agent.
 //!
 //! One `exchange` per layer, called in lockstep by every rank of the group:
-//! 1. (staged) each rank has packed its sends; it tells every peer READY;
+//! 1. each rank tells every peer READY (staged: after packing its sends);
 //! 2. it posts one READ per source (zero-copy: as soon as called; staged: once
 //!    that source is READY), and polls them to completion;
 //! 3. with all its reads complete it tells every peer DONE;
@@ -27,6 +27,7 @@ const MSG_MAGIC: &[u8; 4] = b"EPXF";
 const KIND_READY: u8 = b'R';
 const KIND_DONE: u8 = b'D';
 const KIND_BYE: u8 = b'B';
+const KIND_ABORT: u8 = b'A';
 const BLOB_MAGIC: &[u8; 8] = b"EPXFPEER";
 
 /// Static settings of one rank's engine.
@@ -64,6 +65,8 @@ pub struct Engine {
     peers: Vec<Option<Peer>>,
     name_to_rank: HashMap<String, u32>,
     inbox: HashSet<(u64, u32, u8)>,
+    /// Aborts announced by peers: seq -> (announcing rank, failed rank).
+    aborts: HashMap<u64, (u32, u32)>,
     seq: u64,
     prepared_lists_built: u64,
     scratch: Vec<(String, Vec<u8>)>,
@@ -109,6 +112,7 @@ impl Engine {
             peers: (0..world).map(|_| None).collect(),
             name_to_rank: HashMap::new(),
             inbox: HashSet::new(),
+            aborts: HashMap::new(),
             seq: 0,
             prepared_lists_built: 0,
             scratch: Vec::new(),
@@ -314,8 +318,17 @@ impl Engine {
         for req in inflight.into_iter().flatten() {
             self.agent.release(req);
         }
+        if let Err(e) = &result {
+            // Tell the others at once, so they fail fast naming the real culprit.
+            let culprit = match e {
+                NixlError::Timeout { peer, .. } | NixlError::PeerFailed { peer, .. } => *peer,
+                _ => self.cfg.rank,
+            };
+            self.announce_abort(seq, culprit);
+        }
         // Keep only messages of later exchanges.
         self.inbox.retain(|&(s, _, _)| s > seq);
+        self.aborts.retain(|&s, _| s > seq);
         result?;
         let row_bytes = self.layout.expert_bytes();
         let rows_per_peer: Vec<(u32, usize)> = reads.iter().map(|r| (r.src_rank, r.rows)).collect();
@@ -343,14 +356,22 @@ impl Engine {
         posted: &mut [bool],
         done: &mut [bool],
     ) -> Result<(), NixlError> {
-        if staged {
-            self.broadcast(layer, seq, KIND_READY)?;
-        }
+        // READY means "I entered this layer (and, staged, packed my sends)".
+        // Zero-copy does not wait for it; it tells a live-but-waiting peer
+        // from a dead one when a deadline passes.
+        self.broadcast(layer, seq, KIND_READY)?;
         let mut done_sent = false;
         let mut idle_polls: u32 = 0;
         loop {
             let mut progressed = false;
             self.pump_inbox(layer)?;
+            if let Some(&(from, culprit)) = self.aborts.get(&seq) {
+                return Err(NixlError::PeerFailed {
+                    peer: culprit,
+                    layer,
+                    reason: format!("rank {from} aborted the layer because rank {culprit} failed"),
+                });
+            }
             for i in 0..reads.len() {
                 let r = &reads[i];
                 if !posted[i] && (!staged || self.inbox.contains(&(seq, r.src_rank, KIND_READY))) {
@@ -400,28 +421,24 @@ impl Engine {
             }
             if Instant::now() >= deadline {
                 let waited_s = self.cfg.timeout.as_secs_f64();
-                if let Some(i) = (0..reads.len()).find(|&i| !posted[i]) {
-                    return Err(NixlError::Timeout {
-                        peer: reads[i].src_rank,
-                        layer,
-                        waited_s,
-                        waiting_for: "READY",
-                    });
-                }
-                if let Some(i) = (0..reads.len()).find(|&i| !done[i]) {
-                    return Err(NixlError::Timeout {
-                        peer: reads[i].src_rank,
-                        layer,
-                        waited_s,
-                        waiting_for: "READ",
-                    });
-                }
-                let peer = self.missing_peer(seq, KIND_DONE).unwrap_or(self.cfg.rank);
+                // Blame, in order: a peer that never entered the layer (dead or
+                // stuck earlier), a source whose READ did not finish, then a
+                // peer that did not say DONE.
+                let (peer, waiting_for) = if let Some(p) = self.missing_peer(seq, KIND_READY) {
+                    (p, "READY")
+                } else if let Some(i) = (0..reads.len()).find(|&i| !done[i]) {
+                    (reads[i].src_rank, "READ")
+                } else {
+                    (
+                        self.missing_peer(seq, KIND_DONE).unwrap_or(self.cfg.rank),
+                        "DONE",
+                    )
+                };
                 return Err(NixlError::Timeout {
                     peer,
                     layer,
                     waited_s,
-                    waiting_for: "DONE",
+                    waiting_for,
                 });
             }
             if progressed {
@@ -435,6 +452,18 @@ impl Engine {
 
     fn missing_peer(&self, seq: u64, kind: u8) -> Option<u32> {
         (0..self.cfg.world).find(|&r| r != self.cfg.rank && !self.inbox.contains(&(seq, r, kind)))
+    }
+
+    fn announce_abort(&self, seq: u64, culprit: u32) {
+        let mut msg = encode_msg(seq, KIND_ABORT);
+        msg.extend_from_slice(&culprit.to_le_bytes());
+        for (rank, peer) in self.peers.iter().enumerate() {
+            if let Some(p) = peer {
+                if rank as u32 != culprit {
+                    let _ = self.agent.notify(&p.name, &msg); // best effort
+                }
+            }
+        }
     }
 
     fn broadcast(&self, layer: usize, seq: u64, kind: u8) -> Result<(), NixlError> {
@@ -458,7 +487,12 @@ impl Engine {
                 (self.name_to_rank.get(&sender), decode_msg(&msg))
             {
                 if seq >= self.seq {
-                    self.inbox.insert((seq, rank, kind));
+                    if kind == KIND_ABORT {
+                        let culprit = decode_abort(&msg).unwrap_or(rank);
+                        self.aborts.entry(seq).or_insert((rank, culprit));
+                    } else {
+                        self.inbox.insert((seq, rank, kind));
+                    }
                 }
             }
         }
@@ -524,8 +558,14 @@ fn encode_msg(seq: u64, kind: u8) -> Vec<u8> {
     m
 }
 
+fn decode_abort(m: &[u8]) -> Option<u32> {
+    let b: [u8; 4] = m.get(13..17)?.try_into().ok()?;
+    Some(u32::from_le_bytes(b))
+}
+
 fn decode_msg(m: &[u8]) -> Option<(u64, u8)> {
-    if m.len() != 13 || &m[..4] != MSG_MAGIC {
+    let ok_len = m.len() == 13 || (m.len() == 17 && m.get(12) == Some(&KIND_ABORT));
+    if !ok_len || &m[..4] != MSG_MAGIC {
         return None;
     }
     let mut s = [0u8; 8];
@@ -577,6 +617,10 @@ mod tests {
         );
         assert_eq!(decode_msg(b"hello"), None);
         assert_eq!(decode_msg(&[0u8; 13]), None);
+        let mut a = encode_msg(7, KIND_ABORT);
+        a.extend_from_slice(&3u32.to_le_bytes());
+        assert_eq!(decode_msg(&a), Some((7, KIND_ABORT)));
+        assert_eq!(decode_abort(&a), Some(3));
     }
 
     #[test]
