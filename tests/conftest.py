@@ -19,7 +19,11 @@ def world():
 
     def run(fn, n, *args, timeout_s=180.0, allow_failures=False, env=None):
         return spawn_ranks(
-            fn, n, *args, timeout_s=timeout_s, allow_failures=allow_failures,
+            fn,
+            n,
+            *args,
+            timeout_s=timeout_s,
+            allow_failures=allow_failures,
             env={**QUIET_UCX, **(env or {})},
         )
 

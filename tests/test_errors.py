@@ -24,8 +24,13 @@ def test_bad_mode_and_options_are_rejected():
 @pytest.mark.parametrize("mode", ["zero_copy", "staged"])
 def test_dead_peer_raises_transfer_error_and_leaves_uncommitted_layers(world, mode):
     results = world(
-        workers.peer_dies_mid_rebalance, 3, mode, 2,
-        allow_failures=True, timeout_s=120.0, env={"EPLB_XFER_NO_DESTROY": "1"},
+        workers.peer_dies_mid_rebalance,
+        3,
+        mode,
+        2,
+        allow_failures=True,
+        timeout_s=120.0,
+        env={"EPLB_XFER_NO_DESTROY": "1"},
     )
     assert isinstance(results[2], Exception)  # the victim
     for rank in (0, 1):

@@ -33,9 +33,7 @@ def test_vllm_call_style(world, mode, pass_old):
 @pytest.mark.parametrize("mode", ["zero_copy", "staged"])
 def test_repeated_rebalances_reuse_prepared_lists(world, mode):
     n = 3
-    for built_setup, built_end, staging, errors in world(
-        workers.repeated_rebalances, n, mode, 3
-    ):
+    for built_setup, built_end, staging, errors in world(workers.repeated_rebalances, n, mode, 3):
         assert errors == []
         assert built_setup == n  # one local list + one per peer
         assert built_end == built_setup  # never rebuilt

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import eplb_xfer
 import numpy as np
 import torch
+
+import eplb_xfer
 from eplb_xfer.testing import TensorSpec, build_weights, random_placement, verify
 
 MIXED = [
@@ -152,9 +153,15 @@ def bad_input_then_reuse(rank: int, world: int, backend: str, mode: str):
         expect(ValueError, lambda: comm.add_send([buffer[0][0]], 0, 1))
         expect(ValueError, lambda: comm.add_recv([b[0] for b in buffer], world + 3, 1))
         expect(ValueError, lambda: comm.execute())  # no transfer context yet
-    untouched = all(
-        torch.equal(a, b) for la, lb in zip(weights, snapshot) for a, b in zip(la, lb)
-    )
+        n_local = old.shape[1] // world
+        mine = [int(e) for e in old[0, rank * n_local : (rank + 1) * n_local] if e >= 0]
+        comm.set_transfer_context(old[0], 0)
+        comm.add_send([b[0] for b in buffer], (rank + 1) % world, mine[0])
+        expect(ValueError, lambda: comm.execute())  # zero-copy sends must be weight rows
+        comm.set_transfer_context(old[0], 0)
+        comm.add_recv([b[0] for b in buffer], (rank + 1) % world, E + 99)
+        expect(ValueError, lambda: comm.execute())  # the source does not hold it
+    untouched = all(torch.equal(a, b) for la, lb in zip(weights, snapshot) for a, b in zip(la, lb))
     run(old, new, weights, buffer, None, comm)
     errs = verify(MIXED, weights, old, new, rank, world, E, seed)
     comm.close()

@@ -16,27 +16,27 @@ from collections.abc import Callable
 from .models import MODELS
 
 
-def _int_at_least(low: int, name: str) -> Callable[[str], int]:
+def _int_at_least(low: int) -> Callable[[str], int]:
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{name}: expected an int, got {text!r}") from None
+            raise argparse.ArgumentTypeError(f"expected an int, got {text!r}") from None
         if value < low:
-            raise argparse.ArgumentTypeError(f"{name}: expected an int >= {low}, got {value}")
+            raise argparse.ArgumentTypeError(f"expected an int >= {low}, got {value}")
         return value
 
     return parse
 
 
-def _positive_float(name: str) -> Callable[[str], float]:
+def _positive_float() -> Callable[[str], float]:
     def parse(text: str) -> float:
         try:
             value = float(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{name}: expected seconds, got {text!r}") from None
+            raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
         if not value > 0 or value == float("inf"):
-            raise argparse.ArgumentTypeError(f"{name}: expected a positive number, got {text}")
+            raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
         return value
 
     return parse
@@ -48,7 +48,7 @@ def _int_list(text: str) -> list[int]:
         part = part.strip()
         if not part.isdigit() or int(part) < 1:
             raise argparse.ArgumentTypeError(
-                f"--ep: expected positive ints separated by commas (e.g. 8,16), got {text!r}"
+                f"expected positive ints separated by commas (e.g. 8,16), got {text!r}"
             )
         values.append(int(part))
     return values
@@ -61,7 +61,7 @@ def _model_list(text: str) -> list[str]:
     unknown = [n for n in names if n not in MODELS]
     if unknown or not names:
         raise argparse.ArgumentTypeError(
-            f"--model: unknown model(s) {', '.join(unknown) or repr(text)}; "
+            f"unknown model(s) {', '.join(unknown) or repr(text)}; "
             f"known: {', '.join(MODELS)} (or 'all')"
         )
     return names
@@ -93,32 +93,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     d.add_argument(
         "--scale",
-        type=_int_at_least(1, "--scale"),
+        type=_int_at_least(1),
         default=16,
         help="divide every row dimension by this (default: %(default)s)",
     )
     d.add_argument(
         "--ranks",
-        type=_int_at_least(2, "--ranks"),
+        type=_int_at_least(2),
         default=4,
         help="local EP ranks (processes) to spawn (default: %(default)s)",
     )
     d.add_argument(
         "--layers",
-        type=_int_at_least(1, "--layers"),
+        type=_int_at_least(1),
         default=4,
         help="MoE layers (default: %(default)s)",
     )
     d.add_argument(
         "--experts",
-        type=_int_at_least(1, "--experts"),
+        type=_int_at_least(1),
         default=None,
         help="logical experts per layer (default: 4 x ranks); each rank gets "
         "ceil(experts/ranks) + 1 slots, so there are redundant replicas",
     )
     d.add_argument(
         "--empty-slots",
-        type=_int_at_least(0, "--empty-slots"),
+        type=_int_at_least(0),
         default=0,
         help="slots per layer left empty (-1) instead of holding a replica (default: 0)",
     )
@@ -137,13 +137,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     d.add_argument(
         "--timeout",
-        type=_positive_float("--timeout"),
+        type=_positive_float(),
         default=None,
         help="per-layer deadline in seconds of the NIXL exchange (default: 60; nixl only)",
     )
     d.add_argument(
         "--repeat",
-        type=_int_at_least(1, "--repeat"),
+        type=_int_at_least(1),
         default=1,
         help="rebalances to run, each to a new random placement (default: %(default)s)",
     )
@@ -181,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     m.add_argument(
         "--redundancy",
-        type=_int_at_least(0, "--redundancy"),
+        type=_int_at_least(0),
         default=None,
         help="redundant physical experts in total (default: ep, one per rank)",
     )
@@ -247,10 +247,10 @@ def _cmd_memory(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``eplb-xfer``; returns the process exit code."""
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command == "demo":
-        return _cmd_demo(args, args.subparser)
-    if args.command == "memory":
+    try:
+        args = parser.parse_args(argv)
+        if args.command == "demo":
+            return _cmd_demo(args, args.subparser)
         return _cmd_memory(args)
-    parser.error(f"COMMAND: unknown command {args.command!r}")
-    return 2
+    except SystemExit as e:  # argparse errors (2) and --help (0) as a return value
+        return e.code if isinstance(e.code, int) else 1

@@ -265,7 +265,7 @@ def format_stats(rows: Sequence[dict[str, Any]]) -> str:
             str(r["experts_received"]),
             _mib(r["bytes_copied_locally"]),
             f"{r['seconds']:.3f}",
-            f"{r['gbps']:.2f}",
+            f"{r['gbps']:.3f}",
             _mib(r["staging_bytes"]),
             f"{r['setup_s']:.3f}",
             f"{ok}/{r['slots_checked']}",

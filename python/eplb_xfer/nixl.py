@@ -329,9 +329,26 @@ class NixlCommunicator(EplbCommunicator):
         if self._packed is not None:
             for _dst, expert, ts in sends:
                 packs.setdefault(first_row(self.rank, expert, "add_send"), ts)
-        elif sends:
-            for _dst, expert, _ts in sends:
+        else:
+            # Zero-copy serves rows straight from the registered weights, so what
+            # add_send names must be one of this rank's rows holding the expert.
+            mine = per_rank[self.rank]
+            for _dst, expert, ts in sends:
                 first_row(self.rank, expert, "add_send")
+                ref = self._weights[layer][0]
+                off = ts[0].data_ptr() - ref.data_ptr()
+                stride = ref.stride(0) * ref.element_size()
+                row = off // stride if stride else -1
+                ok = off >= 0 and off % stride == 0 and 0 <= row < self.n_local
+                ok = ok and int(mine[row]) == expert
+                ok = ok and all(
+                    t.data_ptr() == w[row].data_ptr() for t, w in zip(ts, self._weights[layer])
+                )
+                if not ok:
+                    raise ValueError(
+                        f"tensors: zero-copy add_send for expert_id {expert} must pass rows of "
+                        f"expert_weights[{layer}] that hold it in old_indices"
+                    )
         # Everything validated: from here on bytes move.
         synchronize(self.device)
         if local:

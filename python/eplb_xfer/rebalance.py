@@ -113,6 +113,8 @@ def rearrange_expert_weights_inplace(
             runs = plan.changed_runs(layer, rank)
             if not plan.layer_moves(layer):  # all ranks agree: nothing moves anywhere
                 committed.append(layer)
+                if on_layer is not None:
+                    on_layer(layer)
                 continue
             synchronize(device)
             copy_rows(expert_buffer, weights, [(s, d) for _e, s, d in local])

@@ -302,6 +302,8 @@ impl PyNixlEngine {
             buffer: buffer.into_iter().map(rows).collect(),
             packed: packed.map(|(base, slot_bytes)| PackedLayer { base, slot_bytes }),
         };
+        let progress_thread =
+            std::env::var("EPLB_XFER_NIXL_PROGRESS_THREAD").is_ok_and(|v| v == "1");
         let cfg = EngineConfig {
             rank,
             world,
@@ -309,6 +311,7 @@ impl PyNixlEngine {
             mem,
             device_id,
             timeout: Duration::from_secs_f64(timeout_s),
+            progress_thread,
         };
         let name = agent_name.to_string();
         let engine = py.allow_threads(move || {

@@ -92,14 +92,35 @@ fn cstring(s: &str, what: &'static str) -> Result<CString, NixlError> {
 
 impl Agent {
     /// Creates an agent named `name` with a UCX backend.
-    pub fn new(api: Arc<Api>, name: &str, mem: MemKind, dev_id: u64) -> Result<Agent, NixlError> {
+    pub fn new(
+        api: Arc<Api>,
+        name: &str,
+        mem: MemKind,
+        dev_id: u64,
+        progress_thread: bool,
+    ) -> Result<Agent, NixlError> {
         let cname = cstring(name, "agent name")?;
         let mut raw: ffi::Agent = ptr::null_mut();
-        // SAFETY: valid C string and out-pointer.
-        check(
-            unsafe { (api.create_agent)(cname.as_ptr(), &mut raw) },
-            "create_agent",
-        )?;
+        let status = if progress_thread {
+            // SAFETY: valid C string and out-pointer.
+            unsafe { (api.create_agent)(cname.as_ptr(), &mut raw) }
+        } else {
+            // Without NIXL's progress thread, our own polling drives UCX: a
+            // notification is seen as soon as it lands, not at the thread's
+            // next wake-up, and no thread competes for the core.
+            let cfg = ffi::AgentConfig {
+                enable_prog_thread: false,
+                enable_listen_thread: false,
+                listen_port: 0,
+                thread_sync: 0,
+                pthr_delay_us: 0,
+                lthr_delay_us: 0,
+                capture_telemetry: false,
+            };
+            // SAFETY: valid C string, config and out-pointer.
+            unsafe { (api.create_configured_agent)(cname.as_ptr(), &cfg, &mut raw) }
+        };
+        check(status, "create_agent")?;
         let mut agent = Agent {
             api,
             raw,

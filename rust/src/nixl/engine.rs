@@ -39,6 +39,8 @@ pub struct EngineConfig {
     pub mem: MemKind,
     pub device_id: u64,
     pub timeout: Duration,
+    /// Run NIXL's own progress thread (default off: our polling progresses).
+    pub progress_thread: bool,
 }
 
 /// What one exchange did.
@@ -100,7 +102,7 @@ impl Engine {
             layout.n_tensors(),
         )
         .map_err(|e| NixlError::Input(e.to_string()))?;
-        let mut agent = Agent::new(api, agent_name, cfg.mem, cfg.device_id)?;
+        let mut agent = Agent::new(api, agent_name, cfg.mem, cfg.device_id, cfg.progress_thread)?;
         agent.register(regions)?;
         let world = cfg.world as usize;
         Ok(Engine {

@@ -81,8 +81,25 @@ macro_rules! capi {
     };
 }
 
+/// `nixl_capi_agent_config_t` as laid out by the pinned NIXL 1.5.1 C API
+/// (checked against the wheel's `nixl_capi_create_configured_agent`, which
+/// reads the port at offset 4, thread sync at 8, delays at 16/24 and the
+/// telemetry flag at 32).
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct AgentConfig {
+    pub enable_prog_thread: bool,
+    pub enable_listen_thread: bool,
+    pub listen_port: i32,
+    pub thread_sync: c_int,
+    pub pthr_delay_us: u64,
+    pub lthr_delay_us: u64,
+    pub capture_telemetry: bool,
+}
+
 capi! {
     create_agent: fn(*const c_char, *mut Agent);
+    create_configured_agent: fn(*const c_char, *const AgentConfig, *mut Agent);
     destroy_agent: fn(Agent);
     get_plugin_params: fn(Agent, *const c_char, *mut MemList, *mut Params);
     destroy_mem_list: fn(MemList);
