@@ -41,3 +41,9 @@ def test_dead_peer_raises_transfer_error_and_leaves_uncommitted_layers(world, mo
         assert peer == 2, msg
         assert errors == []  # layer 0 applied, layers 1.. untouched
         assert elapsed < 60
+
+
+@pytest.mark.parametrize("lib", ["/nonexistent/libnixl_capi.so", "libm.so.6"])
+def test_unloadable_nixl_is_a_python_exception(world, lib):
+    (msg,) = world(workers.nixl_unloadable, 1, lib)
+    assert msg is not None and "NIXL" in msg

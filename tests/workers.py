@@ -198,3 +198,13 @@ def peer_dies_mid_rebalance(rank: int, world: int, mode: str, victim: int):
         errs = verify(MIXED, weights, old, new, rank, world, E, seed, layers=[0])
         return ("TransferError", e.peer, e.layer, e.committed_layers, errs, elapsed, str(e))
     return ("no error",)
+
+
+def nixl_unloadable(rank: int, world: int, lib_path: str):
+    """A missing or foreign library gives NixlUnavailable, not an abort."""
+    weights, buffer = build_weights(MIXED, np.array([[0, 1]]), rank, world, 2, 0)
+    try:
+        eplb_xfer.NixlCommunicator(None, weights, buffer, lib_path=lib_path)
+    except eplb_xfer.NixlUnavailable as e:
+        return str(e)
+    return None
