@@ -368,15 +368,18 @@ class NixlCommunicator(EplbCommunicator):
             msg, peer, lyr = e.args
             raise TransferError(str(msg), peer=int(peer), layer=int(lyr)) from e
 
-    def close(self) -> None:
+    def close(self, linger_s: float | None = None) -> None:
+        """Says goodbye to peers (so a final DONE still queued in UCX is not
+        lost), waiting at most ``linger_s`` (default ``min(5, timeout_s)``) for
+        theirs, then releases the agent, registrations and staging. Idempotent."""
         if self._engine is not None:
-            self._engine.close(min(5.0, self.timeout_s))
+            self._engine.close(min(5.0, self.timeout_s) if linger_s is None else linger_s)
             self._engine = None
         self._packed = None
 
     def __del__(self) -> None:
         with contextlib.suppress(Exception):  # interpreter shutdown
-            self.close()
+            self.close(linger_s=0.2)
 
 
 __all__ = ["NixlCommunicator", "find_nixl_capi", "byte_row"]
