@@ -172,7 +172,7 @@ class Config:
     slots: int = 288
     changed: float = 0.25
     scale: int = 16
-    repeats: int = 2
+    repeats: int = 3
     seed: int = 0x5EEDA11
     timeout_s: float = 120.0
 
@@ -208,7 +208,9 @@ def _rank_main(
             dist.barrier()
             rss_before = _status_kib("VmRSS") * 1024
             hwm_reset = _reset_peak_rss()
-            stats = eplb_xfer.rearrange_expert_weights_inplace(src, dst, weights, buffer, None, comm)
+            stats = eplb_xfer.rearrange_expert_weights_inplace(
+                src, dst, weights, buffer, None, comm
+            )
             rss_after = _status_kib("VmRSS") * 1024
             rss_peak = _status_kib("VmHWM") * 1024 if hwm_reset else 0
             errors = verify(specs, weights, src, dst, rank, world, cfg.experts, cfg.seed)
@@ -343,7 +345,7 @@ def plot(rows: Sequence[dict[str, Any]], path: Path, title: str) -> bool:
     ax2.set_xticks(x, names)
     ax2.set_ylabel("MiB per rank (max over ranks)")
     ax2.set_title("extra memory")
-    ax2.legend()
+    ax2.legend(loc="upper left")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -412,9 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", type=int, default=d.layers, help="MoE layers")
     p.add_argument("--experts", type=int, default=d.experts, help="logical experts")
     p.add_argument("--slots", type=int, default=d.slots, help="physical slots in total")
-    p.add_argument(
-        "--changed", type=float, default=d.changed, help="fraction of slots re-assigned"
-    )
+    p.add_argument("--changed", type=float, default=d.changed, help="fraction of slots re-assigned")
     p.add_argument(
         "--scale", type=int, default=d.scale, help="DeepSeek-V3 row dims divided by this"
     )
@@ -470,9 +470,7 @@ def main(argv: list[str] | None = None) -> int:
 
     specs = scaled("deepseek-v3", cfg.scale).specs()
     row_bytes = sum(s.row_bytes for s in specs)
-    old, new = splitmix_placements(
-        cfg.layers, cfg.experts, cfg.slots, cfg.changed_slots, cfg.seed
-    )
+    old, new = splitmix_placements(cfg.layers, cfg.experts, cfg.slots, cfg.changed_slots, cfg.seed)
     print(
         f"{cfg.ranks} ranks, {cfg.layers} layers, {cfg.experts} experts in {cfg.slots} slots, "
         f"{cfg.changed_slots} slots changed/layer, {row_bytes} B/expert "

@@ -59,6 +59,19 @@ def plan_rebalance_bytes(
     Raises ``ValueError`` naming the argument and value on invalid placements.
     """
 
+def host_copy_rows(
+    dst: list[tuple[int, int, int]],
+    src: list[tuple[int, int, int]],
+    n_rows: int,
+    pairs: list[tuple[int, int]],
+) -> None:
+    """Copies row ``s`` to row ``d`` of every host tensor, for each ``(s, d)``.
+
+    Layouts are ``(base, row_stride, row_bytes)`` of live CPU tensors with at
+    least ``n_rows`` rows. Raises ``ValueError`` (nothing copied) on a row out of
+    range or mismatched row sizes.
+    """
+
 class NixlEngine:
     """One rank's NIXL endpoint (agent, registrations, prepared lists, protocol).
 

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from . import _core
+
 
 @dataclass(frozen=True)
 class RowLayout:
@@ -134,24 +136,72 @@ def byte_row(t: torch.Tensor, row: int) -> torch.Tensor:
     return t[row].reshape(-1).view(torch.uint8)
 
 
+def _foreach_copy(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
+    """Many row copies in one torch call (one fused launch on CUDA, a C++ loop
+    on CPU); no temporary memory."""
+    if not dst:
+        return
+    if _FOREACH_COPY is not None:
+        _FOREACH_COPY(dst, src)
+    else:  # pragma: no cover - torch without _foreach_copy_
+        for d, s in zip(dst, src):
+            d.copy_(s)
+
+
+_FOREACH_COPY = getattr(torch, "_foreach_copy_", None)
+
+
+def _rows(t: torch.Tensor) -> tuple[int, int, int]:
+    """``(base, row_stride, row_bytes)`` of a tensor already checked by
+    :func:`row_layout` (cheap: no views created)."""
+    es = t.element_size()
+    n = t.shape[0]
+    return (t.data_ptr(), t.stride(0) * es, (t.numel() // n if n else 0) * es)
+
+
 def copy_rows(
     dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor], pairs: Sequence[tuple[int, int]]
 ) -> None:
-    """``dst[t][d] = src[t][s]`` for every ``(s, d)`` pair and tensor ``t``."""
+    """``dst[t][d] = src[t][s]`` for every ``(s, d)`` pair and tensor ``t``.
+
+    Pairs must not chain (no destination is also a source of another pair).
+    Host tensors are copied by the Rust core in one call (row dispatch from
+    Python dominated per-layer latency); device tensors with one torch
+    ``_foreach_copy_`` (one fused launch per dtype group, no temporaries).
+    """
     if not pairs:
         return
+    if all(t.device.type == "cpu" for t in (*dst, *src)):
+        _core.host_copy_rows(
+            [_rows(t) for t in dst],
+            [_rows(t) for t in src],
+            min(t.shape[0] for t in (*dst, *src)),
+            list(pairs),
+        )
+        return
+    d_list: list[torch.Tensor] = []
+    s_list: list[torch.Tensor] = []
     for d_t, s_t in zip(dst, src):
-        for s, d in pairs:
-            d_t[d].copy_(s_t[s])
+        d_list.extend(d_t[d] for _s, d in pairs)
+        s_list.extend(s_t[s] for s, _d in pairs)
+    _foreach_copy(d_list, s_list)
 
 
 def copy_runs(
     dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor], runs: Sequence[tuple[int, int]]
 ) -> None:
-    """``dst[t][a:a+n] = src[t][a:a+n]`` for each ``(a, n)`` run: one copy per run."""
+    """``dst[t][a:a+n] = src[t][a:a+n]`` for each ``(a, n)`` run and tensor ``t``."""
+    if not runs:
+        return
+    if all(t.device.type == "cpu" for t in (*dst, *src)):
+        copy_rows(dst, src, [(r, r) for a, n in runs for r in range(a, a + n)])
+        return
+    d_list: list[torch.Tensor] = []
+    s_list: list[torch.Tensor] = []
     for d_t, s_t in zip(dst, src):
-        for a, n in runs:
-            d_t[a : a + n].copy_(s_t[a : a + n])
+        d_list.extend(d_t[a : a + n] for a, n in runs)
+        s_list.extend(s_t[a : a + n] for a, n in runs)
+    _foreach_copy(d_list, s_list)
 
 
 def synchronize(device: torch.device) -> None:

@@ -2,6 +2,7 @@
 //! at run time, and (feature `python`) the PyO3 bindings in `python.rs`.
 
 pub mod descriptors;
+pub mod host_copy;
 pub mod layout;
 pub mod nixl;
 pub mod plan;

@@ -420,11 +420,33 @@ impl PyNixlEngine {
     }
 }
 
+/// Copies rows between host tensors described by `(base, row_stride, row_bytes)`
+/// layouts: row `s` -> row `d` of every tensor, for each `(s, d)`. Validates
+/// everything before the first byte moves.
+#[pyfunction]
+fn host_copy_rows(
+    py: Python<'_>,
+    dst: Vec<RowsTuple>,
+    src: Vec<RowsTuple>,
+    n_rows: u32,
+    pairs: Vec<(u32, u32)>,
+) -> PyResult<()> {
+    let dst: Vec<TensorRows> = dst.into_iter().map(rows).collect();
+    let src: Vec<TensorRows> = src.into_iter().map(rows).collect();
+    crate::host_copy::validate(&dst, &src, n_rows, &pairs)
+        .map_err(|e| PyValueError::new_err(e.to_string()))?;
+    // SAFETY: the Python caller passes layouts of live CPU tensors it holds
+    // references to for the duration of the call; rows were validated above.
+    py.allow_threads(|| unsafe { crate::host_copy::copy_rows(&dst, &src, &pairs) });
+    Ok(())
+}
+
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyTransferPlan>()?;
     m.add_class::<PyNixlEngine>()?;
     m.add_function(wrap_pyfunction!(plan_rebalance_bytes, m)?)?;
+    m.add_function(wrap_pyfunction!(host_copy_rows, m)?)?;
     m.add("NixlUnavailable", m.py().get_type::<NixlUnavailable>())?;
     m.add("PeerTransferError", m.py().get_type::<PeerTransferError>())?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
