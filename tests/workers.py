@@ -149,6 +149,8 @@ def bad_input_then_reuse(rank: int, world: int, backend: str, mode: str):
     expect(ValueError, lambda: run(old, new, weights[:1], buffer, None, comm))
     expect(ValueError, lambda: run(old, new, weights, buffer[:2], None, comm))
     if backend == "nixl":
+        clones = [[t.clone() for t in layer] for layer in weights]
+        expect(ValueError, lambda: run(old, new, clones, buffer, None, comm))  # not registered
         expect(ValueError, lambda: comm.add_recv([t[0] for t in weights[0]], 0, 1))
         expect(ValueError, lambda: comm.add_send([buffer[0][0]], 0, 1))
         expect(ValueError, lambda: comm.add_recv([b[0] for b in buffer], world + 3, 1))

@@ -69,6 +69,17 @@ class EplbCommunicator(ABC):
         return 0
 
     # -- eplb-xfer fast path ------------------------------------------------------
+    def check_tensors(
+        self,
+        expert_weights: Sequence[Sequence[torch.Tensor]],
+        expert_buffer: Sequence[torch.Tensor],
+    ) -> None:
+        """Raises ``ValueError`` if this communicator cannot move these tensors.
+
+        Called by the driver before anything moves; the default accepts all.
+        """
+        return None
+
     def transfer_layer(
         self,
         plan: TransferPlan,

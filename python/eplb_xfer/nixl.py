@@ -190,6 +190,20 @@ class NixlCommunicator(EplbCommunicator):
         return self._engine
 
     # -- eplb-xfer fast path -------------------------------------------------------
+    def check_tensors(
+        self,
+        expert_weights: Sequence[Sequence[torch.Tensor]],
+        expert_buffer: Sequence[torch.Tensor],
+    ) -> None:
+        if len(expert_weights) != len(self._weights):
+            raise ValueError(
+                f"expert_weights: {len(expert_weights)} layers, but this NixlCommunicator "
+                f"registered {len(self._weights)}"
+            )
+        for layer, (got, bound) in enumerate(zip(expert_weights, self._weights)):
+            self._check_bound(got, bound, f"expert_weights[{layer}]")
+        self._check_bound(expert_buffer, self._buffer, "expert_buffer")
+
     def transfer_layer(
         self,
         plan: TransferPlan,

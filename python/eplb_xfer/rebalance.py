@@ -103,6 +103,7 @@ def rearrange_expert_weights_inplace(
         from .torch_dist import TorchCommunicator
 
         comm = TorchCommunicator(group)
+    comm.check_tensors(expert_weights, expert_buffer)
     row_bytes = expert_bytes(expert_buffer)
     stats = RebalanceStats(backend=type(comm).__name__, staging_bytes=comm.staging_bytes)
     committed: list[int] = []
