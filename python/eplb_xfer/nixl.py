@@ -68,6 +68,8 @@ def find_nixl_capi() -> Path:
 
 
 def apply_ucx_defaults() -> None:
+    """Sets :data:`UCX_DEFAULTS` in the environment unless already set. UCX reads
+    them when an agent's backend starts, so this runs before any agent exists."""
     for k, v in UCX_DEFAULTS.items():
         os.environ.setdefault(k, v)
 
@@ -133,7 +135,8 @@ class NixlCommunicator(EplbCommunicator):
                 n_local * self._expert_bytes, dtype=torch.uint8, device=device
             )
         lib = Path(lib_path) if lib_path is not None else find_nixl_capi()
-        apply_ucx_defaults()
+        if device.type == "cuda":
+            apply_ucx_defaults()
         weights_layout = [
             [row_layout(w, f"expert_weights[{li}][{ti}]").as_tuple() for ti, w in enumerate(layer)]
             for li, layer in enumerate(self._weights)

@@ -366,7 +366,12 @@ impl Engine {
         let mut idle_polls: u32 = 0;
         loop {
             let mut progressed = false;
+            // Pumping also progresses UCX, so our own DONE is flushed at least
+            // once before we leave (we run without NIXL's progress thread).
             self.pump_inbox(layer)?;
+            if done_sent && self.missing_peer(seq, KIND_DONE).is_none() {
+                return Ok(());
+            }
             if let Some(&(from, culprit)) = self.aborts.get(&seq) {
                 return Err(NixlError::PeerFailed {
                     peer: culprit,
@@ -417,9 +422,6 @@ impl Engine {
                 self.broadcast(layer, seq, KIND_DONE)?;
                 done_sent = true;
                 progressed = true;
-            }
-            if done_sent && self.missing_peer(seq, KIND_DONE).is_none() {
-                return Ok(());
             }
             if Instant::now() >= deadline {
                 let waited_s = self.cfg.timeout.as_secs_f64();
