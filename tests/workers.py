@@ -114,7 +114,13 @@ def repeated_rebalances(rank: int, world: int, mode: str, rounds: int):
         eplb_xfer.rearrange_expert_weights_inplace(cur, nxt, weights, buffer, None, comm)
         errors += verify(MIXED, weights, old, nxt, rank, world, E, seed)
         cur = nxt
-    out = (built_after_setup, comm.prepared_lists_built, comm.staging_bytes, errors)
+    out = (
+        built_after_setup,
+        comm.prepared_lists_built,
+        comm.staging_bytes,
+        errors,
+        comm.node_of_rank,
+    )
     comm.close()
     return out
 

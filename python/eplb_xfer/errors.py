@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class TransferError(RuntimeError):
     """A peer failed or timed out while a layer was being transferred.
@@ -24,7 +26,8 @@ class TransferError(RuntimeError):
         self.layer = layer
         self.committed_layers: list[int] = list(committed_layers or [])
 
-    def __reduce__(self):  # keep attributes across pickling (multiprocessing)
+    def __reduce__(self) -> tuple[Any, tuple[str, int, int, list[int]]]:
+        # keep attributes across pickling (multiprocessing)
         return (_rebuild, (str(self), self.peer, self.layer, self.committed_layers))
 
 

@@ -12,10 +12,11 @@ import contextlib
 import importlib.util
 import logging
 import os
+import socket
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -165,8 +166,13 @@ class NixlCommunicator(EplbCommunicator):
             regions,
         )
         blobs: list[Any] = [None] * self.world_size
-        dist.all_gather_object(blobs, bytes(self._engine.local_blob()), group=group)
-        self._engine.connect(blobs)
+        mine = (bytes(self._engine.local_blob()), socket.gethostname())
+        dist.all_gather_object(blobs, mine, group=group)
+        self._engine.connect([b for b, _host in blobs])
+        hosts = [host for _b, host in blobs]
+        #: Node index of every rank (ranks on one host share a node), learned at
+        #: set-up; the driver prefers same-node sources with it.
+        self.node_of_rank: list[int] = [sorted(set(hosts)).index(h) for h in hosts]
         self._sends: list[tuple[int, int, list[torch.Tensor]]] = []
         self._recvs: list[tuple[int, int, int]] = []
         log.debug("rank %d: NIXL agent %s ready (%s)", self.rank, self.agent_name, mode)
@@ -230,7 +236,8 @@ class NixlCommunicator(EplbCommunicator):
         except _core.PeerTransferError as e:
             msg, peer, layer = e.args
             raise TransferError(str(msg), peer=int(peer), layer=int(layer)) from e
-        return {int(p): int(n) for p, n in stats["rows_per_peer"]}
+        rows_per_peer = cast(list[tuple[int, int]], stats["rows_per_peer"])
+        return {int(p): int(n) for p, n in rows_per_peer}
 
     @staticmethod
     def _check_bound(got: Sequence[torch.Tensor], bound: Sequence[torch.Tensor], name: str) -> None:

@@ -75,6 +75,8 @@ def rearrange_expert_weights_inplace(
         group: the EP process group (None = default group).
         communicator: how bytes move; None = a TorchCommunicator on ``group``.
         node_of_rank: optional node id per rank; same-node sources preferred.
+            Default: the communicator's ``node_of_rank`` if it has one (a
+            NixlCommunicator learns which ranks share a host at set-up).
         on_layer: called with each committed layer index (progress reporting).
 
     Raises:
@@ -96,14 +98,21 @@ def rearrange_expert_weights_inplace(
             f"expert_weights: has {len(expert_weights)} layers, old_indices has {num_layers}"
         )
     _, device = validate_weights(expert_weights, expert_buffer, n_local)
-    plan = plan_rebalance(old, new, world, node_of_rank=node_of_rank)
     owned = communicator is None
     comm = communicator
     if comm is None:
         from .torch_dist import TorchCommunicator
 
         comm = TorchCommunicator(group)
-    comm.check_tensors(expert_weights, expert_buffer)
+    try:
+        comm.check_tensors(expert_weights, expert_buffer)
+        if node_of_rank is None:  # a communicator may know the topology (NIXL learns hosts)
+            node_of_rank = getattr(comm, "node_of_rank", None)
+        plan = plan_rebalance(old, new, world, node_of_rank=node_of_rank)
+    except BaseException:
+        if owned:
+            comm.close()
+        raise
     row_bytes = expert_bytes(expert_buffer)
     stats = RebalanceStats(backend=type(comm).__name__, staging_bytes=comm.staging_bytes)
     committed: list[int] = []
