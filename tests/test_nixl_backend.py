@@ -33,8 +33,10 @@ def test_vllm_call_style(world, mode, pass_old):
 @pytest.mark.parametrize("mode", ["zero_copy", "staged"])
 def test_repeated_rebalances_reuse_prepared_lists(world, mode):
     n = 3
-    for built_setup, built_end, staging, errors in world(workers.repeated_rebalances, n, mode, 3):
+    reports = world(workers.repeated_rebalances, n, mode, 3)
+    for built_setup, built_end, staging, errors, nodes in reports:
         assert errors == []
+        assert nodes == [0] * n  # one host: every rank on node 0
         assert built_setup == n  # one local list + one per peer
         assert built_end == built_setup  # never rebuilt
         if mode == "zero_copy":
