@@ -51,6 +51,8 @@ def rebalance_cases(rank: int, world: int, backend: str, mode: str, seeds: list[
         finally:
             comm.close()
         errs = verify(MIXED, weights, old, new, rank, world, E, seed)
+        assert stats.layers == len(stats.layer_seconds) == layers
+        assert stats.bytes_received == sum(stats.per_peer_bytes.values())
         report.append((seed, errs, stats.experts_received, comm.staging_bytes))
     return report
 

@@ -28,7 +28,20 @@ log = logging.getLogger("eplb_xfer")
 
 @dataclass
 class RebalanceStats:
-    """What one rebalance did on this rank."""
+    """What one rebalance did on this rank.
+
+    Attributes:
+        layers: layers in the placement (committed, whether or not they moved).
+        experts_received: expert rows read from peers (one per missing expert).
+        bytes_received: bytes read from peers.
+        bytes_copied_locally: bytes of local copies and duplicate fills.
+        seconds: wall time of the whole call on this rank.
+        per_peer_bytes: bytes read from each source rank.
+        staging_bytes: the communicator's extra memory (0 for NIXL zero-copy).
+        backend: communicator class name.
+        layer_seconds: wall time of each layer on this rank.
+        gbps: ``bytes_received / seconds`` in GB/s (property).
+    """
 
     layers: int = 0
     experts_received: int = 0
@@ -38,6 +51,8 @@ class RebalanceStats:
     per_peer_bytes: dict[int, int] = field(default_factory=dict)
     staging_bytes: int = 0
     backend: str = ""
+    #: wall seconds of each layer on this rank (0.0 for a layer nobody changes)
+    layer_seconds: list[float] = field(default_factory=list)
 
     @property
     def gbps(self) -> float:
@@ -118,11 +133,13 @@ def rearrange_expert_weights_inplace(
     committed: list[int] = []
     try:
         for layer in range(num_layers):
+            t_layer = time.perf_counter()
             weights = expert_weights[layer]
             local = plan.local_copies(layer, rank)
             runs = plan.changed_runs(layer, rank)
             if not plan.layer_moves(layer):  # all ranks agree: nothing moves anywhere
                 committed.append(layer)
+                stats.layer_seconds.append(0.0)
                 if on_layer is not None:
                     on_layer(layer)
                 continue
@@ -143,6 +160,7 @@ def rearrange_expert_weights_inplace(
             copy_rows(expert_buffer, expert_buffer, [(s, d) for _e, s, d in dups])
             copy_runs(weights, expert_buffer, runs)
             committed.append(layer)
+            stats.layer_seconds.append(time.perf_counter() - t_layer)
             n_recv = sum(per_peer.values())
             stats.experts_received += n_recv
             stats.bytes_received += n_recv * row_bytes
