@@ -10,7 +10,10 @@ class TransferError(RuntimeError):
 
     Raised on every surviving rank before the deadline. Layers listed in
     ``committed_layers`` were fully applied on this rank; no other layer was
-    changed (the failed layer's rows are untouched).
+    changed (the failed layer's rows are untouched). Commit is decided per rank:
+    a rank that already had every peer's DONE for the failing layer committed
+    it, so ``committed_layers`` may differ by one layer across ranks. After a
+    TransferError, close the communicator and build a new one.
 
     Attributes:
         peer: rank whose part was missing or failed.
