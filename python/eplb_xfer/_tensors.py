@@ -27,6 +27,14 @@ class RowLayout:
         return (self.base, self.row_stride, self.row_bytes)
 
 
+def _rows(t: torch.Tensor) -> tuple[int, int, int]:
+    """``(base, row_stride, row_bytes)`` of ``t``, rows along dim 0 (cheap: no
+    views created; :func:`row_layout` adds the checks)."""
+    es = t.element_size()
+    n = t.shape[0]
+    return (t.data_ptr(), t.stride(0) * es, (t.numel() // n if n else 0) * es)
+
+
 def row_layout(t: torch.Tensor, name: str) -> RowLayout:
     """Row layout of ``t`` (rows along dim 0); each row must be contiguous."""
     if not isinstance(t, torch.Tensor):
@@ -37,14 +45,14 @@ def row_layout(t: torch.Tensor, name: str) -> RowLayout:
         )
     if t.shape[0] > 0 and not t[0].is_contiguous():
         raise ValueError(f"{name}: each row (expert) must be contiguous; strides {t.stride()}")
-    es = t.element_size()
-    row_bytes = (t[0].numel() if t.shape[0] > 0 else 0) * es
+    base, stride, row_bytes = _rows(t)
     if row_bytes == 0:
         raise ValueError(f"{name}: rows of 0 bytes (shape {tuple(t.shape)})")
-    stride = t.stride(0) * es if t.shape[0] > 1 else row_bytes
-    if t.shape[0] > 1 and stride < row_bytes:
+    if t.shape[0] <= 1:
+        stride = row_bytes  # a lone row's stride is meaningless (may be 0)
+    elif stride < row_bytes:
         raise ValueError(f"{name}: rows overlap (row stride {stride} B < row size {row_bytes} B)")
-    return RowLayout(t.data_ptr(), stride, row_bytes)
+    return RowLayout(base, stride, row_bytes)
 
 
 def span(t: torch.Tensor) -> tuple[int, int]:
@@ -54,8 +62,12 @@ def span(t: torch.Tensor) -> tuple[int, int]:
     return (lay.base, lay.row_stride * (n - 1) + lay.row_bytes if n else 0)
 
 
-def to_indices(x: object, name: str) -> np.ndarray:
-    """Converts a torch tensor / numpy array / nested list to int64 ``[L, P]``."""
+def to_indices(x: object, name: str, ndims: tuple[int, ...] = (2,)) -> np.ndarray:
+    """Converts a torch tensor / numpy array / nested list to contiguous int64.
+
+    ``ndims`` lists the accepted ranks: ``(2,)`` for ``[L, P]`` placements,
+    ``(1, 2)`` where one layer's ``[P]`` row is accepted too.
+    """
     if isinstance(x, torch.Tensor):
         if x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
             raise TypeError(f"{name}: expected an integer tensor, got dtype {x.dtype}")
@@ -68,8 +80,9 @@ def to_indices(x: object, name: str) -> np.ndarray:
         raise TypeError(f"{name}: expected a torch.Tensor or numpy.ndarray, got {type(x).__name__}")
     if arr.dtype.kind not in "iu":
         raise TypeError(f"{name}: expected integer values, got dtype {arr.dtype}")
-    if arr.ndim != 2:
-        raise ValueError(f"{name}: expected shape [num_layers, num_slots], got {tuple(arr.shape)}")
+    if arr.ndim not in ndims:
+        want = " or ".join("[num_layers, num_slots]" if n == 2 else "[num_slots]" for n in ndims)
+        raise ValueError(f"{name}: expected shape {want}, got {tuple(arr.shape)}")
     return np.ascontiguousarray(arr, dtype=np.int64)
 
 
@@ -144,11 +157,6 @@ def expert_bytes(tensors: Sequence[torch.Tensor]) -> int:
     return sum(t[0].numel() * t.element_size() for t in tensors)
 
 
-def byte_row(t: torch.Tensor, row: int) -> torch.Tensor:
-    """Row ``row`` of ``t`` as a flat uint8 view (no copy)."""
-    return t[row].reshape(-1).view(torch.uint8)
-
-
 def _foreach_copy(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
     """Many row copies in one torch call (one fused launch on CUDA, a C++ loop
     on CPU); no temporary memory."""
@@ -162,14 +170,6 @@ def _foreach_copy(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
 
 
 _FOREACH_COPY = getattr(torch, "_foreach_copy_", None)
-
-
-def _rows(t: torch.Tensor) -> tuple[int, int, int]:
-    """``(base, row_stride, row_bytes)`` of a tensor already checked by
-    :func:`row_layout` (cheap: no views created)."""
-    es = t.element_size()
-    n = t.shape[0]
-    return (t.data_ptr(), t.stride(0) * es, (t.numel() // n if n else 0) * es)
 
 
 def copy_rows(

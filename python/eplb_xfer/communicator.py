@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ._tensors import to_indices
 from .planning import TransferPlan
 
 
@@ -36,16 +37,9 @@ class EplbCommunicator(ABC):
     def set_transfer_context(self, old_indices: Any, layer_idx: int) -> None:
         """Sets the placement (``[P]`` row of one layer, or full ``[L, P]``) and
         layer that the next ``execute()`` refers to."""
-        arr = _as_int_array(old_indices, "old_indices")
-        if arr.ndim == 2:
-            if not 0 <= layer_idx < arr.shape[0]:
-                raise ValueError(f"layer_idx: {layer_idx} outside 0..{arr.shape[0]}")
-            arr = arr[layer_idx]
-        if arr.ndim != 1:
-            raise ValueError(f"old_indices: expected [P] or [L, P], got shape {arr.shape}")
         if isinstance(layer_idx, bool) or not isinstance(layer_idx, int) or layer_idx < 0:
             raise ValueError(f"layer_idx: expected a non-negative int, got {layer_idx!r}")
-        self._ctx_old = arr
+        self._ctx_old = layer_row(old_indices, layer_idx)
         self._ctx_layer = layer_idx
 
     @abstractmethod
@@ -112,13 +106,17 @@ class EplbCommunicator(ABC):
         self.close()
 
 
-def _as_int_array(x: Any, name: str) -> np.ndarray:
-    if isinstance(x, torch.Tensor):
-        x = x.detach().cpu().numpy()
-    arr = np.asarray(x)
-    if arr.dtype.kind not in "iu":
-        raise TypeError(f"{name}: expected integers, got dtype {arr.dtype}")
-    return arr.astype(np.int64, copy=False)
+def layer_row(old_indices: Any, layer_idx: int | None) -> np.ndarray:
+    """One layer's ``[P]`` placement from a ``[P]`` row or a full ``[L, P]``."""
+    arr = to_indices(old_indices, "old_indices", ndims=(1, 2))
+    if arr.ndim == 1:
+        return arr
+    if layer_idx is None:
+        raise ValueError("old_indices: [L, P] needs set_transfer_context(..., layer_idx)")
+    if not 0 <= layer_idx < arr.shape[0]:
+        raise ValueError(f"layer_idx: {layer_idx} outside 0..{arr.shape[0] - 1}")
+    row: np.ndarray = arr[layer_idx]
+    return row
 
 
 def check_rank(value: Any, name: str, world_size: int) -> int:

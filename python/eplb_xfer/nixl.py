@@ -23,8 +23,8 @@ import torch
 import torch.distributed as dist
 
 from . import _core
-from ._tensors import byte_row, expert_bytes, row_layout, span, synchronize, validate_weights
-from .communicator import EplbCommunicator, _as_int_array, check_expert, check_rank
+from ._tensors import RowLayout, expert_bytes, row_layout, span, synchronize, validate_weights
+from .communicator import EplbCommunicator, check_expert, check_rank, layer_row
 from .errors import TransferError
 from .planning import TransferPlan
 
@@ -138,10 +138,11 @@ class NixlCommunicator(EplbCommunicator):
         lib = Path(lib_path) if lib_path is not None else find_nixl_capi()
         if device.type == "cuda":
             apply_ucx_defaults()
-        weights_layout = [
-            [row_layout(w, f"expert_weights[{li}][{ti}]").as_tuple() for ti, w in enumerate(layer)]
+        self._weight_rows = [
+            [row_layout(w, f"expert_weights[{li}][{ti}]") for ti, w in enumerate(layer)]
             for li, layer in enumerate(self._weights)
         ]
+        weights_layout = [[r.as_tuple() for r in layer] for layer in self._weight_rows]
         regions = [span(b) for b in self._buffer]
         packed = None
         if self._packed is not None:
@@ -284,39 +285,27 @@ class NixlCommunicator(EplbCommunicator):
                 )
 
     def _buffer_row_of(self, ts: list[torch.Tensor]) -> int:
-        rows = set()
-        for i, (t, ref) in enumerate(zip(ts, self._buffer_rows)):
-            off = t.data_ptr() - ref.base
-            if off < 0 or off % ref.row_stride or off // ref.row_stride >= self.n_local:
-                raise ValueError(
-                    f"tensors[{i}]: NIXL receives must target rows of expert_buffer "
-                    f"(address 0x{t.data_ptr():x} is not one)"
-                )
-            rows.add(off // ref.row_stride)
-        if len(rows) != 1:
-            raise ValueError(f"tensors: rows {sorted(rows)} of expert_buffer; expected one row")
-        return rows.pop()
+        row = _common_row(ts, self._buffer_rows, self.n_local)
+        if row is None:
+            raise ValueError(
+                "tensors: NIXL receives must target one row of expert_buffer "
+                f"(addresses {[hex(t.data_ptr()) for t in ts]})"
+            )
+        return row
 
     def execute(self, old_indices: Any = None) -> None:
         sends, recvs = self._sends, self._recvs
         self._sends, self._recvs = [], []
         engine = self._live()
         if old_indices is not None:
-            arr = _as_int_array(old_indices, "old_indices")
-            if arr.ndim == 2:
-                if self._ctx_layer is None:
-                    raise ValueError(
-                        "old_indices: [L, P] needs set_transfer_context(..., layer_idx)"
-                    )
-                arr = arr[self._ctx_layer]
-            old_layer = arr
+            old_layer = layer_row(old_indices, self._ctx_layer)
         elif self._ctx_old is not None:
             old_layer = self._ctx_old
         else:
             raise ValueError(
                 "old_indices: needed (pass it to execute or call set_transfer_context first)"
             )
-        if old_layer.ndim != 1 or old_layer.shape[0] != self.n_local * self.world_size:
+        if old_layer.shape[0] != self.n_local * self.world_size:
             raise ValueError(
                 f"old_indices: expected {self.n_local * self.world_size} slots, got shape "
                 f"{tuple(old_layer.shape)}"
@@ -359,16 +348,8 @@ class NixlCommunicator(EplbCommunicator):
             mine = per_rank[self.rank]
             for _dst, expert, ts in sends:
                 first_row(self.rank, expert, "add_send")
-                ref = self._weights[layer][0]
-                off = ts[0].data_ptr() - ref.data_ptr()
-                stride = ref.stride(0) * ref.element_size()
-                row = off // stride if stride else -1
-                ok = off >= 0 and off % stride == 0 and 0 <= row < self.n_local
-                ok = ok and int(mine[row]) == expert
-                ok = ok and all(
-                    t.data_ptr() == w[row].data_ptr() for t, w in zip(ts, self._weights[layer])
-                )
-                if not ok:
+                row = _common_row(ts, self._weight_rows[layer], self.n_local)
+                if row is None or int(mine[row]) != expert:
                     raise ValueError(
                         f"tensors: zero-copy add_send for expert_id {expert} must pass rows of "
                         f"expert_weights[{layer}] that hold it in old_indices"
@@ -406,4 +387,17 @@ class NixlCommunicator(EplbCommunicator):
             self.close(linger_s=0.2)
 
 
-__all__ = ["NixlCommunicator", "find_nixl_capi", "byte_row"]
+def _common_row(
+    ts: Sequence[torch.Tensor], layouts: Sequence[RowLayout], n_rows: int
+) -> int | None:
+    """The one row index at which every ``ts[i]`` starts in ``layouts[i]``, or None."""
+    rows = set()
+    for t, lay in zip(ts, layouts):
+        off = t.data_ptr() - lay.base
+        if off < 0 or off % lay.row_stride or off // lay.row_stride >= n_rows:
+            return None
+        rows.add(off // lay.row_stride)
+    return rows.pop() if len(rows) == 1 else None
+
+
+__all__ = ["NixlCommunicator", "apply_ucx_defaults", "find_nixl_capi"]
