@@ -127,25 +127,24 @@ impl DescriptorSpace {
         v
     }
 
-    /// Groups `(src_rank, src_row, dst_row)` reads into one request per source,
-    /// in the order given (callers pass them sorted by source).
+    /// Groups `(src_rank, src_row, dst_row)` reads into one request per source.
+    /// Callers pass them sorted by source; unsorted input stays correct but
+    /// makes one request per run of equal sources.
     pub fn select<I>(&self, layer: usize, reads: I) -> Vec<PeerRead>
     where
         I: IntoIterator<Item = (u32, u32, u32)>,
     {
         let mut out: Vec<PeerRead> = Vec::new();
         for (src, src_row, dst_row) in reads {
-            let pos = match out.iter().position(|p| p.src_rank == src) {
-                Some(p) => p,
-                None => {
-                    out.push(PeerRead {
-                        src_rank: src,
-                        ..Default::default()
-                    });
-                    out.len() - 1
-                }
-            };
-            let pr = &mut out[pos];
+            // Sorted input: a source's reads are adjacent, so only the last
+            // request can be this source's (O(1) per read on the hot path).
+            if out.last().map(|p| p.src_rank) != Some(src) {
+                out.push(PeerRead {
+                    src_rank: src,
+                    ..Default::default()
+                });
+            }
+            let Some(pr) = out.last_mut() else { continue };
             for t in 0..self.n_tensors {
                 pr.local.push(self.local_index(dst_row as usize, t));
                 pr.remote

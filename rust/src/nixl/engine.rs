@@ -483,7 +483,6 @@ impl Engine {
     }
 
     fn pump_inbox(&mut self, layer: usize) -> Result<(), NixlError> {
-        self.scratch.clear();
         let mut scratch = std::mem::take(&mut self.scratch);
         let res = self.agent.drain_notifs(&mut scratch);
         for (sender, msg) in scratch.drain(..) {

@@ -66,16 +66,13 @@ macro_rules! capi {
                         }
                     };
                 )*
-                if !missing.is_empty() {
-                    return Err(NixlError::Load {
+                match ($($field,)*) {
+                    ($(Some($field),)*) => Ok(Api { $($field,)* _lib: lib }),
+                    _ => Err(NixlError::Load {
                         path: path.display().to_string(),
                         reason: format!("missing C API symbols: {}", missing.join(", ")),
-                    });
+                    }),
                 }
-                Ok(Api {
-                    $( $field: match $field { Some(f) => f, None => unreachable!() }, )*
-                    _lib: lib,
-                })
             }
         }
     };
