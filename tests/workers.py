@@ -6,6 +6,7 @@ import numpy as np
 import torch
 
 import eplb_xfer
+from eplb_xfer._tensors import copy_rows, copy_runs
 from eplb_xfer.testing import TensorSpec, build_weights, random_placement, verify
 
 MIXED = [
@@ -57,12 +58,6 @@ def rebalance_cases(rank: int, world: int, backend: str, mode: str, seeds: list[
     return report
 
 
-def copy_rows_(dst, src, pairs):
-    for d_t, s_t in zip(dst, src):
-        for s, d in pairs:
-            d_t[d].copy_(s_t[s])
-
-
 def vllm_style_cases(rank: int, world: int, mode: str, seeds: list[int], pass_old: bool):
     """Drives a NixlCommunicator the way vLLM's EPLB driver does: per layer
     set_transfer_context, add_send/add_recv per expert, execute(), then the
@@ -75,7 +70,7 @@ def vllm_style_cases(rank: int, world: int, mode: str, seeds: list[int], pass_ol
         plan = eplb_xfer.plan_rebalance(old, new, world)
         for layer in range(old.shape[0]):
             w = weights[layer]
-            copy_rows_(buffer, w, [(s, d) for _e, s, d in plan.local_copies(layer, rank)])
+            copy_rows(buffer, w, [(s, d) for _e, s, d in plan.local_copies(layer, rank)])
             if not pass_old:
                 comm.set_transfer_context(torch.from_numpy(old), layer)
             else:
@@ -89,10 +84,8 @@ def vllm_style_cases(rank: int, world: int, mode: str, seeds: list[int], pass_ol
                 comm.execute(old_indices=old[layer])
             else:
                 comm.execute()
-            copy_rows_(buffer, buffer, [(s, d) for _e, s, d in plan.dup_fills(layer, rank)])
-            for a, n in plan.changed_runs(layer, rank):
-                for wt, bt in zip(w, buffer):
-                    wt[a : a + n].copy_(bt[a : a + n])
+            copy_rows(buffer, buffer, [(s, d) for _e, s, d in plan.dup_fills(layer, rank)])
+            copy_runs(w, buffer, plan.changed_runs(layer, rank))
         errs = verify(MIXED, weights, old, new, rank, world, E, seed)
         report.append((seed, errs, comm.staging_bytes, comm.exchanges))
         comm.close()
