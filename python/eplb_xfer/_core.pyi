@@ -104,6 +104,30 @@ class NixlEngine:
         ``bytes_read``, ``seconds``. Raises ``PeerTransferError``."""
     def exchange_reads(self, layer: int, reads: list[tuple[int, int, int]]) -> dict[str, object]:
         """One exchange for explicit ``(src_rank, src_row, dst_row)`` reads."""
+    def begin_plan(
+        self, plan: TransferPlan, layer: int, ready_payload: bytes
+    ) -> list[bytes | None]:
+        """First half of an exchange: READY (carrying ``ready_payload``) and this
+        rank's reads of ``layer``; returns every rank's READY payload (``None``
+        for ranks this rank does not read from) once all reads completed.
+        Follow with :meth:`end` or :meth:`abort`. Raises ``PeerTransferError``."""
+    def begin_reads(
+        self, layer: int, reads: list[tuple[int, int, int]], ready_payload: bytes
+    ) -> list[bytes | None]:
+        """:meth:`begin_plan` for explicit ``(src_rank, src_row, dst_row)`` reads."""
+    def end(self) -> dict[str, object]:
+        """Second half: DONE, then wait for every peer's; on success the layer
+        may be committed. Raises ``PeerTransferError``."""
+    def abort(self, culprit: int, reason: str) -> None:
+        """Abandons the open exchange blaming ``culprit`` (peers are told at
+        once); always raises ``PeerTransferError``."""
+    def barrier(self, label: int) -> None:
+        """End-of-rebalance handshake (an exchange without reads); ``label`` is
+        the layer reported on failure. Raises ``PeerTransferError``."""
+    def counters(self) -> dict[str, object]:
+        """``exchanges``, ``prepared_lists_built`` / ``_live``,
+        ``requests_created`` / ``_live``, ``notifications_sent`` /
+        ``_received``, ``inbox_entries``, ``failed_peers``."""
     @property
     def prepared_lists_built(self) -> int: ...
     @property
@@ -111,3 +135,6 @@ class NixlEngine:
     def close(self, linger_s: float = 5.0) -> None:
         """Says goodbye to peers (waits at most ``linger_s`` for theirs), then
         releases agent and registrations (idempotent)."""
+
+def live_agents() -> int:
+    """NIXL agents alive in this process (0 once every communicator is closed)."""

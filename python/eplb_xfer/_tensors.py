@@ -221,3 +221,78 @@ def synchronize(device: torch.device) -> None:
     """Waits for every CUDA stream on ``device`` (no-op on CPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def _mix64(h: int, v: int) -> int:
+    """Folds ``v`` into ``h`` (splitmix64 finalizer over the xor)."""
+    z = (h ^ (v & _MASK64)) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+def _block_width(nbytes: int) -> int:
+    """Bytes per block of the checksum's 2-D view: the largest power of two up
+    to 4096 dividing ``nbytes`` (depends on the row size only, so source and
+    reader agree)."""
+    c = 4096
+    while nbytes % c:
+        c //= 2
+    return c
+
+
+def expert_checksums(experts: Sequence[Sequence[torch.Tensor]]) -> list[int]:
+    """A cheap 64-bit checksum of each expert, given as its rows (one tensor
+    per weight tensor, each contiguous).
+
+    Each row's bytes are viewed as ``[m, C]`` blocks; the sum of all bytes,
+    the block sums weighted by block index and the column sums weighted by
+    column index (exact int64 arithmetic, so the same on CPU and GPU whatever
+    the reduction order) are mixed into one value. It catches flipped,
+    shifted and swapped bytes; it is not cryptographic. Runs with torch on
+    the rows' device, one host sync in all; no copy of the rows is made.
+    """
+    if not experts:
+        return []
+    parts: list[torch.Tensor] = []
+    weights: dict[tuple[int, torch.device], torch.Tensor] = {}
+    for rows in experts:
+        for row in rows:
+            b = row.reshape(-1).view(torch.uint8)
+            n = b.numel()
+            c = _block_width(n)
+            blocks = b.view(n // c, c)
+            key_m, key_c = (n // c, row.device), (c, row.device)
+            for key in (key_m, key_c):
+                if key not in weights:
+                    weights[key] = torch.arange(1, key[0] + 1, dtype=torch.int64, device=row.device)
+            by_block = blocks.sum(dim=1, dtype=torch.int64)
+            by_col = blocks.sum(dim=0, dtype=torch.int64)
+            parts.append(
+                torch.stack(
+                    [
+                        by_block.sum(),
+                        (by_block * weights[key_m]).sum(),
+                        (by_col * weights[key_c]).sum(),
+                    ]
+                )
+            )
+    values = torch.stack(parts).tolist()  # one host sync
+    out = []
+    i = 0
+    for rows in experts:
+        h = 0x45504C42  # "EPLB"
+        for _ in rows:
+            for v in values[i]:
+                h = _mix64(h, int(v))
+            i += 1
+        out.append(h)
+    return out
+
+
+def row_checksums(tensors: Sequence[torch.Tensor], rows: Sequence[int]) -> list[int]:
+    """:func:`expert_checksums` of rows ``rows`` of the stacked ``tensors``."""
+    return expert_checksums([[t[r] for t in tensors] for r in rows])

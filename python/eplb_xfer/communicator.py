@@ -32,11 +32,18 @@ class EplbCommunicator(ABC):
         self.world_size = dist.get_world_size(group)
         self._ctx_old: np.ndarray | None = None
         self._ctx_layer: int | None = None
+        self._closed = False
+
+    def _check_open(self, what: str) -> None:
+        """Raises ``RuntimeError`` once :meth:`close` was called."""
+        if self._closed:
+            raise RuntimeError(f"{type(self).__name__} is closed: cannot {what}; create a new one")
 
     # -- vLLM-compatible interface -------------------------------------------------
     def set_transfer_context(self, old_indices: Any, layer_idx: int) -> None:
         """Sets the placement (``[P]`` row of one layer, or full ``[L, P]``) and
         layer that the next ``execute()`` refers to."""
+        self._check_open("set_transfer_context")
         if isinstance(layer_idx, bool) or not isinstance(layer_idx, int) or layer_idx < 0:
             raise ValueError(f"layer_idx: expected a non-negative int, got {layer_idx!r}")
         self._ctx_old = layer_row(old_indices, layer_idx)
@@ -54,8 +61,14 @@ class EplbCommunicator(ABC):
     def execute(self, old_indices: Any = None) -> None:
         """Moves everything queued, then clears the queues."""
 
-    def close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
-        """Releases resources (idempotent)."""
+    def close(self) -> None:
+        """Releases resources (idempotent); later calls raise ``RuntimeError``."""
+        self._closed = True
+
+    def end_rebalance(self, num_layers: int) -> None:  # noqa: B027 - optional hook
+        """Called by the driver after the last layer of a rebalance. Backends
+        that can detect failed peers confirm here that every rank finished;
+        they raise :class:`TransferError` with ``layer == num_layers`` if not."""
 
     @property
     def staging_bytes(self) -> int:
@@ -70,9 +83,10 @@ class EplbCommunicator(ABC):
     ) -> None:
         """Raises ``ValueError`` if this communicator cannot move these tensors.
 
-        Called by the driver before anything moves; the default accepts all.
+        Called by the driver before anything moves; the default accepts all
+        (but raises ``RuntimeError`` after :meth:`close`).
         """
-        return None
+        self._check_open("rebalance")
 
     def transfer_layer(
         self,
@@ -87,6 +101,7 @@ class EplbCommunicator(ABC):
         Receives land in ``buffer`` rows. Returns rows received per source rank.
         The default goes through the vLLM-style calls; backends override it.
         """
+        self._check_open("transfer_layer")
         self.set_transfer_context(old_layer, layer_idx)
         for expert, src_row, readers in plan.sends(layer_idx, self.rank):
             rows = [w[src_row] for w in weights]

@@ -14,7 +14,7 @@ import logging
 import os
 import socket
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -23,7 +23,16 @@ import torch
 import torch.distributed as dist
 
 from . import _core
-from ._tensors import RowLayout, expert_bytes, row_layout, span, synchronize, validate_weights
+from ._tensors import (
+    RowLayout,
+    expert_bytes,
+    expert_checksums,
+    row_checksums,
+    row_layout,
+    span,
+    synchronize,
+    validate_weights,
+)
 from .communicator import EplbCommunicator, check_expert, check_rank, layer_row
 from .errors import TransferError
 from .planning import TransferPlan
@@ -96,7 +105,17 @@ class NixlCommunicator(EplbCommunicator):
         mode: ``"zero_copy"`` or ``"staged"``.
         timeout_s: deadline of each layer's exchange; past it every surviving
             rank raises :class:`TransferError`.
+        verify: check every received expert against a checksum its source
+            computed (:func:`row_checksums`) before the layer may commit; a
+            mismatch raises :class:`TransferError` naming the source on every
+            rank, and no rank commits that layer. Costs one hash pass over the
+            sent and received rows per layer.
         lib_path: explicit ``libnixl_capi.so`` (default: found from the wheel).
+
+    Failure semantics: a peer that dies or stops answering makes every
+    surviving rank raise :class:`TransferError` within about ``timeout_s`` (plus
+    at most 2 s, to agree on the outcome); all survivors report the same layer
+    and the same committed layers (see :meth:`end_rebalance`).
     """
 
     def __init__(
@@ -107,9 +126,12 @@ class NixlCommunicator(EplbCommunicator):
         *,
         mode: str = "zero_copy",
         timeout_s: float = 60.0,
+        verify: bool = False,
         lib_path: str | os.PathLike[str] | None = None,
     ) -> None:
         super().__init__(group)
+        if not isinstance(verify, bool):
+            raise TypeError(f"verify: expected a bool, got {verify!r}")
         if mode not in MODES:
             raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
         if (
@@ -121,6 +143,8 @@ class NixlCommunicator(EplbCommunicator):
         n_local, device = validate_weights(expert_weights, expert_buffer)
         self.mode = mode
         self.timeout_s = float(timeout_s)
+        self.verify = verify
+        self._corrupt_layer = _fault_layer("corrupt_send")
         self.n_local = n_local
         self.device = device
         self._weights = [list(layer) for layer in expert_weights]
@@ -194,10 +218,37 @@ class NixlCommunicator(EplbCommunicator):
         """Layer exchanges run so far."""
         return self._live().exchanges
 
-    def _live(self) -> _core.NixlEngine:
+    @property
+    def counters(self) -> dict[str, object]:
+        """NIXL handle and message counters of this communicator:
+        ``requests_live`` (0 between layers), ``requests_created``,
+        ``prepared_lists_live`` / ``prepared_lists_built`` (``world_size``, never
+        more), ``notifications_sent`` / ``_received``, ``inbox_entries``
+        (buffered peer messages, 0 between rebalances), ``exchanges`` and
+        ``failed_peers`` (ranks found dead or stuck)."""
+        return dict(self._live().counters())
+
+    def _live(self, what: str = "") -> _core.NixlEngine:
         if self._engine is None:
-            raise RuntimeError("NixlCommunicator is closed")
+            raise RuntimeError(
+                f"NixlCommunicator is closed{': cannot ' + what if what else ''}; create a new one"
+            )
         return self._engine
+
+    def end_rebalance(self, num_layers: int) -> None:
+        """Closing handshake of a rebalance (one exchange without reads).
+
+        A rank that missed a dead peer's last DONE learns here, from the other
+        survivors, that the last layer completed everywhere, so every survivor
+        reports the same committed layers. Raises :class:`TransferError` (with
+        ``layer == num_layers``: every layer was committed) if a peer failed.
+        """
+        engine = self._live("end_rebalance")
+        try:
+            engine.barrier(num_layers)
+        except _core.PeerTransferError as e:
+            msg, peer, layer = e.args
+            raise TransferError(str(msg), peer=int(peer), layer=int(layer)) from e
 
     # -- eplb-xfer fast path -------------------------------------------------------
     def check_tensors(
@@ -205,6 +256,7 @@ class NixlCommunicator(EplbCommunicator):
         expert_weights: Sequence[Sequence[torch.Tensor]],
         expert_buffer: Sequence[torch.Tensor],
     ) -> None:
+        self._live("rebalance")
         if len(expert_weights) != len(self._weights):
             raise ValueError(
                 f"expert_weights: {len(expert_weights)} layers, but this NixlCommunicator "
@@ -222,23 +274,82 @@ class NixlCommunicator(EplbCommunicator):
         buffer: Sequence[torch.Tensor],
         old_layer: np.ndarray,
     ) -> dict[int, int]:
-        engine = self._live()
+        engine = self._live("transfer_layer")
         if not 0 <= layer_idx < len(self._weights):
             raise ValueError(f"layer_idx: {layer_idx} outside 0..{len(self._weights) - 1}")
         self._check_bound(weights, self._weights[layer_idx], f"expert_weights[{layer_idx}]")
         self._check_bound(buffer, self._buffer, "expert_buffer")
         synchronize(self.device)  # no READ may land while a stream still uses the buffer
+        sends = plan.sends(layer_idx, self.rank)
         if self._packed is not None:
-            for _expert, src_row, _readers in plan.sends(layer_idx, self.rank):
+            for _expert, src_row, _readers in sends:
                 self._pack(src_row, [w[src_row] for w in weights])
             synchronize(self.device)
         try:
-            stats = engine.exchange_plan(plan, layer_idx)
+            if not self.verify:
+                stats = engine.exchange_plan(plan, layer_idx)
+            else:
+                sent = {src_row: [w[src_row] for w in weights] for _e, src_row, _r in sends}
+                received = [
+                    (e, src, src_row, dst)
+                    for e, src, src_row, dst in plan.recvs(layer_idx, self.rank)
+                ]
+                stats = self._verified_exchange(
+                    layer_idx,
+                    sent,
+                    received,
+                    lambda payload: engine.begin_plan(plan, layer_idx, payload),
+                )
         except _core.PeerTransferError as e:
             msg, peer, layer = e.args
             raise TransferError(str(msg), peer=int(peer), layer=int(layer)) from e
         rows_per_peer = cast(list[tuple[int, int]], stats["rows_per_peer"])
         return {int(p): int(n) for p, n in rows_per_peer}
+
+    def _verified_exchange(
+        self,
+        layer: int,
+        sent: dict[int, list[torch.Tensor]],
+        received: list[tuple[int, int, int, int]],
+        begin: Callable[[bytes], list[bytes | None]],
+    ) -> dict[str, object]:
+        """An exchange whose READY carries checksums of the rows this rank
+        serves; every received row is checked before DONE, so a mismatch means
+        no rank can commit the layer. ``received`` holds ``(expert, src_rank,
+        src_row, dst_row)``."""
+        engine = self._live("execute")
+        rows = sorted(sent)
+        table = np.zeros(len(rows), dtype=_CHECKSUM_ENTRY)
+        table["row"] = rows
+        table["checksum"] = expert_checksums([sent[r] for r in rows])
+        corrupt = self._corrupt_layer == layer and rows
+        if corrupt:  # test-only fault: change a served row after hashing it
+            victim = sent[rows[0]][0].reshape(-1).view(torch.uint8)
+            victim[0] ^= 0xFF
+        try:
+            payloads = begin(table.tobytes())
+        finally:
+            if corrupt:
+                victim[0] ^= 0xFF
+        expected: dict[tuple[int, int], int] = {}
+        for src in {src for _e, src, _s, _d in received}:
+            raw = payloads[src]
+            entries = np.frombuffer(raw or b"", dtype=_CHECKSUM_ENTRY)
+            expected.update(
+                ((src, int(r)), int(c)) for r, c in zip(entries["row"], entries["checksum"])
+            )
+        synchronize(self.device)
+        got = row_checksums(self._buffer, [dst for _e, _src, _s, dst in received])
+        for (expert, src, src_row, dst), value in zip(received, got):
+            want = expected.get((src, src_row))
+            if want != value:
+                engine.abort(
+                    src,
+                    f"checksum mismatch for expert {expert} read from rank {src} row {src_row} "
+                    f"into buffer row {dst}: got {value:#018x}, source sent "
+                    f"{'nothing' if want is None else f'{want:#018x}'}",
+                )
+        return dict(engine.end())
 
     @staticmethod
     def _check_bound(got: Sequence[torch.Tensor], bound: Sequence[torch.Tensor], name: str) -> None:
@@ -256,6 +367,7 @@ class NixlCommunicator(EplbCommunicator):
 
     # -- vLLM-compatible interface -----------------------------------------------
     def add_send(self, tensors: Sequence[torch.Tensor], dst_rank: int, expert_id: int) -> None:
+        self._live("add_send")
         dst = check_rank(dst_rank, "dst_rank", self.world_size)
         expert = check_expert(expert_id)
         ts = list(tensors)
@@ -263,6 +375,7 @@ class NixlCommunicator(EplbCommunicator):
         self._sends.append((dst, expert, ts))
 
     def add_recv(self, tensors: Sequence[torch.Tensor], src_rank: int, expert_id: int) -> None:
+        self._live("add_recv")
         src = check_rank(src_rank, "src_rank", self.world_size)
         expert = check_expert(expert_id)
         ts = list(tensors)
@@ -294,9 +407,9 @@ class NixlCommunicator(EplbCommunicator):
         return row
 
     def execute(self, old_indices: Any = None) -> None:
+        engine = self._live("execute")
         sends, recvs = self._sends, self._recvs
         self._sends, self._recvs = [], []
-        engine = self._live()
         if old_indices is not None:
             old_layer = layer_row(old_indices, self._ctx_layer)
         elif self._ctx_old is not None:
@@ -368,7 +481,21 @@ class NixlCommunicator(EplbCommunicator):
         if packs:
             synchronize(self.device)
         try:
-            engine.exchange_reads(layer, reads)
+            if not self.verify:
+                engine.exchange_reads(layer, reads)
+            else:
+                sent = dict(packs) if packs else {}
+                if self._packed is None:
+                    for _dst, expert, ts in sends:
+                        sent.setdefault(first_row(self.rank, expert, "add_send"), ts)
+                received = [
+                    (expert, src, first_row(src, expert, "add_recv"), dst)
+                    for src, expert, dst in recvs
+                    if src != self.rank
+                ]
+                self._verified_exchange(
+                    layer, sent, received, lambda payload: engine.begin_reads(layer, reads, payload)
+                )
         except _core.PeerTransferError as e:
             msg, peer, lyr = e.args
             raise TransferError(str(msg), peer=int(peer), layer=int(lyr)) from e
@@ -377,6 +504,7 @@ class NixlCommunicator(EplbCommunicator):
         """Says goodbye to peers (so a final DONE still queued in UCX is not
         lost), waiting at most ``linger_s`` (default ``min(5, timeout_s)``) for
         theirs, then releases the agent, registrations and staging. Idempotent."""
+        self._closed = True
         if self._engine is not None:
             self._engine.close(min(5.0, self.timeout_s) if linger_s is None else linger_s)
             self._engine = None
@@ -385,6 +513,16 @@ class NixlCommunicator(EplbCommunicator):
     def __del__(self) -> None:
         with contextlib.suppress(Exception):  # interpreter shutdown
             self.close(linger_s=0.2)
+
+
+_CHECKSUM_ENTRY = np.dtype([("row", "<u4"), ("checksum", "<u8")])
+
+
+def _fault_layer(kind: str) -> int | None:
+    """Test-only fault injection: ``EPLB_XFER_FAULT=<kind>:<layer>``."""
+    spec = os.environ.get("EPLB_XFER_FAULT", "")
+    name, _, layer = spec.partition(":")
+    return int(layer) if name == kind and layer.isdigit() else None
 
 
 def _common_row(

@@ -95,9 +95,12 @@ def rearrange_expert_weights_inplace(
         on_layer: called with each committed layer index (progress reporting).
 
     Raises:
-        TypeError / ValueError before anything moves, on bad input.
+        TypeError / ValueError before anything moves, on bad input;
+        RuntimeError if ``communicator`` was closed.
         TransferError if a peer fails; layers in ``committed_layers`` were
-        applied, no other layer changed.
+        applied, no other layer changed. With a NixlCommunicator every
+        surviving rank raises it, with the same ``layer`` and
+        ``committed_layers``, within about its ``timeout_s`` plus 2 s.
     """
     t0 = time.perf_counter()
     old = to_indices(old_indices, "old_indices")
@@ -170,6 +173,15 @@ def rearrange_expert_weights_inplace(
             if on_layer is not None:
                 on_layer(layer)
         synchronize(device)
+        try:
+            comm.end_rebalance(num_layers)
+        except TransferError as e:
+            raise TransferError(
+                f"{e} (every layer was committed here)",
+                peer=e.peer,
+                layer=num_layers,
+                committed_layers=committed,
+            ) from e
     finally:
         if owned:
             comm.close()

@@ -15,7 +15,9 @@ class TorchCommunicator(EplbCommunicator):
     """Sends and receives expert rows with ``batch_isend_irecv``.
 
     Messages between a pair of ranks are ordered by expert id on both sides, so
-    sender and receiver agree without any extra handshake.
+    sender and receiver agree without any extra handshake. A baseline: a dead
+    peer makes it wait for torch.distributed's own timeout (gloo/NCCL), and it
+    has no ``verify`` option.
     """
 
     def __init__(self, group: dist.ProcessGroup | None = None) -> None:
@@ -27,10 +29,12 @@ class TorchCommunicator(EplbCommunicator):
         return dist.get_global_rank(self.group, rank) if self.group is not None else rank
 
     def add_send(self, tensors: Sequence[torch.Tensor], dst_rank: int, expert_id: int) -> None:
+        self._check_open("add_send")
         dst = check_rank(dst_rank, "dst_rank", self.world_size)
         self._sends.append((dst, check_expert(expert_id), _contiguous(tensors, "tensors")))
 
     def add_recv(self, tensors: Sequence[torch.Tensor], src_rank: int, expert_id: int) -> None:
+        self._check_open("add_recv")
         src = check_rank(src_rank, "src_rank", self.world_size)
         ts = list(tensors)
         for i, t in enumerate(ts):
@@ -39,6 +43,7 @@ class TorchCommunicator(EplbCommunicator):
         self._recvs.append((src, check_expert(expert_id), ts))
 
     def execute(self, old_indices: Any = None) -> None:
+        self._check_open("execute")
         sends = sorted(self._sends, key=lambda s: (s[0], s[1]))
         recvs = sorted(self._recvs, key=lambda r: (r[0], r[1]))
         self._sends, self._recvs = [], []

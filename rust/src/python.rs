@@ -7,12 +7,12 @@ use std::time::Duration;
 use pyo3::create_exception;
 use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyDict};
+use pyo3::types::{PyBytes, PyDict, PyList};
 
 use crate::descriptors::{Mode, PeerRead};
 use crate::layout::{PackedLayer, RankLayout, TensorRows};
 use crate::nixl::agent::MemKind;
-use crate::nixl::engine::{Engine, EngineConfig, ExchangeStats};
+use crate::nixl::engine::{Engine, EngineConfig, EngineCounters, ExchangeStats};
 use crate::nixl::{load_api, NixlError};
 use crate::plan::{self, PlanError};
 
@@ -349,7 +349,7 @@ impl PyNixlEngine {
         let s = py.allow_threads(|| {
             self.with(|e| {
                 let reads = e.space().select_for_plan(layer, rl);
-                e.exchange(layer, &reads)
+                e.exchange(layer, reads)
             })
         })?;
         stats_dict(py, &s)
@@ -364,22 +364,94 @@ impl PyNixlEngine {
     ) -> PyResult<Bound<'py, PyDict>> {
         let s = py.allow_threads(|| {
             self.with(|e| {
-                let n_local = e.layout().n_local as u32;
-                if let Some(&(_, s, d)) = reads
-                    .iter()
-                    .find(|&&(_, s, d)| s >= n_local || d >= n_local)
-                {
-                    return Err(NixlError::Input(format!(
-                        "row ({s} -> {d}) is outside 0..{n_local}"
-                    )));
-                }
-                let mut sorted = reads.clone();
-                sorted.sort_by_key(|r| r.0);
-                let reads: Vec<PeerRead> = e.space().select(layer, sorted);
-                e.exchange(layer, &reads)
+                let reads = explicit_reads(e, layer, reads)?;
+                e.exchange(layer, reads)
             })
         })?;
         stats_dict(py, &s)
+    }
+
+    /// First half of `layer` of `plan`: READY (with `ready_payload`), reads;
+    /// returns every source's READY payload (`None` for other ranks) once all
+    /// reads completed. Call `end` (commit-safe on success) or `abort` next.
+    fn begin_plan<'py>(
+        &self,
+        py: Python<'py>,
+        plan: &PyTransferPlan,
+        layer: usize,
+        ready_payload: Vec<u8>,
+    ) -> PyResult<Bound<'py, PyList>> {
+        let rl = plan
+            .inner
+            .rank_layer(layer, self.rank as usize)
+            .map_err(plan_err)?;
+        let payloads = py.allow_threads(|| {
+            self.with(|e| {
+                let reads = e.space().select_for_plan(layer, rl);
+                e.begin(layer, reads, &ready_payload, true)
+            })
+        })?;
+        let items: Vec<Option<Bound<'py, PyBytes>>> = payloads
+            .iter()
+            .map(|p| p.as_ref().map(|b| PyBytes::new(py, b)))
+            .collect();
+        PyList::new(py, items)
+    }
+
+    /// Like `begin_plan`, for explicit `(src_rank, src_row, dst_row)` reads.
+    fn begin_reads<'py>(
+        &self,
+        py: Python<'py>,
+        layer: usize,
+        reads: Vec<(u32, u32, u32)>,
+        ready_payload: Vec<u8>,
+    ) -> PyResult<Bound<'py, PyList>> {
+        let payloads = py.allow_threads(|| {
+            self.with(|e| {
+                let reads = explicit_reads(e, layer, reads)?;
+                e.begin(layer, reads, &ready_payload, true)
+            })
+        })?;
+        let items: Vec<Option<Bound<'py, PyBytes>>> = payloads
+            .iter()
+            .map(|p| p.as_ref().map(|b| PyBytes::new(py, b)))
+            .collect();
+        PyList::new(py, items)
+    }
+
+    /// Second half of the open exchange: DONE, then wait for every peer's.
+    fn end<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let s = py.allow_threads(|| self.with(|e| e.end()))?;
+        stats_dict(py, &s)
+    }
+
+    /// Abandons the open exchange blaming `culprit`; always raises
+    /// `PeerTransferError` (peers are told at once).
+    fn abort(&self, py: Python<'_>, culprit: u32, reason: String) -> PyResult<()> {
+        let err = py.allow_threads(|| self.with(|e| Ok(e.abort(culprit, reason))))?;
+        Err(nixl_err(err))
+    }
+
+    /// End-of-rebalance handshake (an exchange without reads); `label` is the
+    /// layer number reported if a peer fails in it.
+    fn barrier(&self, py: Python<'_>, label: usize) -> PyResult<()> {
+        py.allow_threads(|| self.with(|e| e.barrier(label)))
+    }
+
+    /// Handle and message counters (see `EngineCounters`).
+    fn counters<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let c: EngineCounters = self.with(|e| Ok(e.counters()))?;
+        let d = PyDict::new(py);
+        d.set_item("exchanges", c.exchanges)?;
+        d.set_item("prepared_lists_built", c.prepared_lists_built)?;
+        d.set_item("prepared_lists_live", c.prepared_lists_live)?;
+        d.set_item("requests_created", c.requests_created)?;
+        d.set_item("requests_live", c.requests_live)?;
+        d.set_item("notifications_sent", c.notifications_sent)?;
+        d.set_item("notifications_received", c.notifications_received)?;
+        d.set_item("inbox_entries", c.inbox_entries)?;
+        d.set_item("failed_peers", c.failed_peers)?;
+        Ok(d)
     }
 
     /// How many prepared descriptor lists this engine has built (set-up only).
@@ -420,6 +492,33 @@ impl PyNixlEngine {
     }
 }
 
+/// Checks explicit `(src_rank, src_row, dst_row)` reads and turns them into
+/// descriptor selections.
+fn explicit_reads(
+    e: &Engine,
+    layer: usize,
+    reads: Vec<(u32, u32, u32)>,
+) -> Result<Vec<PeerRead>, NixlError> {
+    let n_local = e.layout().n_local as u32;
+    if let Some(&(_, s, d)) = reads
+        .iter()
+        .find(|&&(_, s, d)| s >= n_local || d >= n_local)
+    {
+        return Err(NixlError::Input(format!(
+            "row ({s} -> {d}) is outside 0..{n_local}"
+        )));
+    }
+    let mut sorted = reads;
+    sorted.sort_by_key(|r| r.0);
+    Ok(e.space().select(layer, sorted))
+}
+
+/// NIXL agents alive in this process (0 once every communicator is closed).
+#[pyfunction]
+fn live_agents() -> u64 {
+    crate::nixl::agent::live_agents()
+}
+
 /// Copies rows between host tensors described by `(base, row_stride, row_bytes)`
 /// layouts: row `s` -> row `d` of every tensor, for each `(s, d)`. Validates
 /// everything before the first byte moves.
@@ -447,6 +546,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyNixlEngine>()?;
     m.add_function(wrap_pyfunction!(plan_rebalance_bytes, m)?)?;
     m.add_function(wrap_pyfunction!(host_copy_rows, m)?)?;
+    m.add_function(wrap_pyfunction!(live_agents, m)?)?;
     m.add("NixlUnavailable", m.py().get_type::<NixlUnavailable>())?;
     m.add("PeerTransferError", m.py().get_type::<PeerTransferError>())?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;

@@ -3,8 +3,10 @@
 //! Owns every handle it creates (backend, registrations, prepared lists, the
 //! notification map) and releases them in reverse order on drop.
 
+use std::cell::Cell;
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::ptr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use super::ffi::{self, Api};
@@ -52,6 +54,10 @@ pub struct XferReq {
     raw: ffi::XferReq,
 }
 
+// SAFETY: a request handle is only used through its owning Agent, which is
+// used from one thread at a time (it sits behind a Mutex).
+unsafe impl Send for XferReq {}
+
 /// State of a transfer request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum XferState {
@@ -69,6 +75,31 @@ pub struct Agent {
     notif_map: ffi::NotifMap,
     registrations: Vec<ffi::RegDlist>,
     prepared: Vec<ffi::DlistHandle>,
+    requests_created: Cell<u64>,
+    requests_released: Cell<u64>,
+    notifications_sent: Cell<u64>,
+    notifications_received: Cell<u64>,
+}
+
+/// Handle and message counts of one agent.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AgentCounters {
+    pub prepared_lists_live: u64,
+    pub requests_created: u64,
+    pub requests_released: u64,
+    pub notifications_sent: u64,
+    pub notifications_received: u64,
+}
+
+static LIVE_AGENTS: AtomicU64 = AtomicU64::new(0);
+
+/// NIXL agents alive in this process (created and not yet dropped).
+pub fn live_agents() -> u64 {
+    LIVE_AGENTS.load(Ordering::Relaxed)
+}
+
+fn bump(c: &Cell<u64>, n: u64) {
+    c.set(c.get() + n);
 }
 
 // SAFETY: NIXL agents are thread-safe under their default sync mode, and this
@@ -131,7 +162,12 @@ impl Agent {
             notif_map: ptr::null_mut(),
             registrations: Vec::new(),
             prepared: Vec::new(),
+            requests_created: Cell::new(0),
+            requests_released: Cell::new(0),
+            notifications_sent: Cell::new(0),
+            notifications_received: Cell::new(0),
         };
+        LIVE_AGENTS.fetch_add(1, Ordering::Relaxed);
         agent.init_backend()?;
         let mut map: ffi::NotifMap = ptr::null_mut();
         // SAFETY: out-pointer.
@@ -169,6 +205,17 @@ impl Agent {
     }
 
     /// The agent's unique name.
+    /// Handle and message counts (for leak checks).
+    pub fn counters(&self) -> AgentCounters {
+        AgentCounters {
+            prepared_lists_live: self.prepared.len() as u64,
+            requests_created: self.requests_created.get(),
+            requests_released: self.requests_released.get(),
+            notifications_sent: self.notifications_sent.get(),
+            notifications_received: self.notifications_received.get(),
+        }
+    }
+
     pub fn name(&self) -> &str {
         &self.name
     }
@@ -415,6 +462,7 @@ impl Agent {
             });
         }
         let req = XferReq { raw };
+        bump(&self.requests_created, 1);
         // SAFETY: live request.
         let st = unsafe { (self.api.post_xfer_req)(self.raw, req.raw, opt) };
         // SAFETY: created above.
@@ -447,6 +495,7 @@ impl Agent {
 
     /// Releases a request (aborting it if still in flight).
     pub fn release(&self, req: XferReq) {
+        bump(&self.requests_released, 1);
         // SAFETY: live request, consumed here.
         unsafe {
             if (self.api.release_xfer_req)(self.raw, req.raw) == ffi::SUCCESS {
@@ -471,7 +520,9 @@ impl Agent {
         };
         // SAFETY: created above.
         unsafe { (self.api.destroy_opt_args)(opt) };
-        check(st, "gen_notif")
+        check(st, "gen_notif")?;
+        bump(&self.notifications_sent, 1);
+        Ok(())
     }
 
     /// Drains received notifications into `out` as `(sender agent, message)`.
@@ -522,6 +573,7 @@ impl Agent {
                     unsafe { std::slice::from_raw_parts(data as *const u8, len) }.to_vec()
                 };
                 out.push((sender.clone(), msg));
+                bump(&self.notifications_received, 1);
             }
         }
         // SAFETY: live map.
@@ -550,5 +602,6 @@ impl Drop for Agent {
             }
             (self.api.destroy_agent)(self.raw);
         }
+        LIVE_AGENTS.fetch_sub(1, Ordering::Relaxed);
     }
 }

@@ -14,7 +14,7 @@
 //! from an aborted exchange are dropped. There is no global collective and no
 //! fixed sleep: polling backs off from spinning to at most 200 µs naps.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use super::agent::{Agent, MemKind, PreparedList, XferReq, XferState};
@@ -66,12 +66,79 @@ pub struct Engine {
     local: Option<PreparedList>,
     peers: Vec<Option<Peer>>,
     name_to_rank: HashMap<String, u32>,
+    /// `(seq, sender, kind)` of READY / DONE / BYE messages not yet consumed.
     inbox: HashSet<(u64, u32, u8)>,
-    /// Aborts announced by peers: seq -> (announcing rank, failed rank).
-    aborts: HashMap<u64, (u32, u32)>,
+    /// READY payloads: `(seq, sender)` -> bytes.
+    payloads: HashMap<(u64, u32), Vec<u8>>,
+    /// Aborts announced by peers: `(seq, announcing rank)` -> failed rank.
+    aborts: HashMap<(u64, u32), u32>,
+    /// Highest sequence number of any peer message (BYE excluded): a peer in a
+    /// later exchange proves the earlier ones completed on every rank.
+    max_seq_seen: u64,
     seq: u64,
+    cur: Option<Current>,
+    /// A peer failed during a layer that still completed everywhere: the next
+    /// exchange fails at once with it.
+    pending_failure: Option<(u32, String)>,
+    /// Peers found dead or stuck (close does not wait for them).
+    failed_peers: BTreeSet<u32>,
     prepared_lists_built: u64,
     scratch: Vec<(String, Vec<u8>)>,
+    fault: Option<(Fault, usize)>,
+}
+
+/// The exchange in progress.
+struct Current {
+    layer: usize,
+    seq: u64,
+    start: Instant,
+    deadline: Instant,
+    reads: Vec<PeerRead>,
+    inflight: Vec<Option<XferReq>>,
+    done: Vec<bool>,
+    done_sent: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Until every READ completed (and, if asked, every source's READY is in).
+    Reads { want_payloads: bool },
+    /// Until every peer said DONE.
+    Done,
+}
+
+/// Test-only fault injection points (see `Engine::fault_point`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fault {
+    ExitBeforeReady,
+    HangBeforeDone,
+    ExitMidDone,
+}
+
+fn parse_fault(v: &str) -> Option<(Fault, usize)> {
+    let (kind, layer) = v.split_once(':')?;
+    let f = match kind {
+        "exit_before_ready" => Fault::ExitBeforeReady,
+        "hang_before_done" => Fault::HangBeforeDone,
+        "exit_mid_done" => Fault::ExitMidDone,
+        _ => return None,
+    };
+    Some((f, layer.trim().parse().ok()?))
+}
+
+/// Counters of one engine (see [`Engine::counters`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EngineCounters {
+    pub exchanges: u64,
+    pub prepared_lists_built: u64,
+    pub prepared_lists_live: u64,
+    pub requests_created: u64,
+    pub requests_live: u64,
+    pub notifications_sent: u64,
+    pub notifications_received: u64,
+    /// Buffered peer messages (bounded: only those of unfinished exchanges).
+    pub inbox_entries: u64,
+    pub failed_peers: Vec<u32>,
 }
 
 impl Engine {
@@ -114,10 +181,18 @@ impl Engine {
             peers: (0..world).map(|_| None).collect(),
             name_to_rank: HashMap::new(),
             inbox: HashSet::new(),
+            payloads: HashMap::new(),
             aborts: HashMap::new(),
+            max_seq_seen: 0,
             seq: 0,
+            cur: None,
+            pending_failure: None,
+            failed_peers: BTreeSet::new(),
             prepared_lists_built: 0,
             scratch: Vec::new(),
+            fault: std::env::var("EPLB_XFER_FAULT")
+                .ok()
+                .and_then(|v| parse_fault(&v)),
         })
     }
 
@@ -248,9 +323,27 @@ impl Engine {
         self.seq
     }
 
+    /// Handle and message counters (for leak checks in soak tests).
+    pub fn counters(&self) -> EngineCounters {
+        let a = self.agent.counters();
+        EngineCounters {
+            exchanges: self.seq,
+            prepared_lists_built: self.prepared_lists_built,
+            prepared_lists_live: a.prepared_lists_live,
+            requests_created: a.requests_created,
+            requests_live: a.requests_created - a.requests_released,
+            notifications_sent: a.notifications_sent,
+            notifications_received: a.notifications_received,
+            inbox_entries: (self.inbox.len() + self.payloads.len() + self.aborts.len()) as u64,
+            failed_peers: self.failed_peers.iter().copied().collect(),
+        }
+    }
+
     /// Checks reads against the index spaces before anything moves.
     pub fn validate_reads(&self, layer: usize, reads: &[PeerRead]) -> Result<(), NixlError> {
-        if self.cfg.mode == Mode::ZeroCopy && layer >= self.layout.n_layers() {
+        // Reads name rows of `layer` (zero-copy); an exchange without reads
+        // (the closing barrier) may carry any label.
+        if self.cfg.mode == Mode::ZeroCopy && !reads.is_empty() && layer >= self.layout.n_layers() {
             return Err(NixlError::Input(format!(
                 "layer_idx {layer} is outside 0..{}",
                 self.layout.n_layers()
@@ -279,159 +372,246 @@ impl Engine {
         Ok(())
     }
 
-    /// Runs one layer's exchange (see the module docs). All ranks must call it
-    /// the same number of times, in the same order.
+    /// Runs one layer's exchange (see the module docs): [`Engine::begin`] then
+    /// [`Engine::end`]. All ranks must call it the same number of times, in
+    /// the same order.
     pub fn exchange(
         &mut self,
         layer: usize,
-        reads: &[PeerRead],
+        reads: Vec<PeerRead>,
     ) -> Result<ExchangeStats, NixlError> {
-        self.validate_reads(layer, reads)?;
+        self.begin(layer, reads, &[], false)?;
+        self.end()
+    }
+
+    /// The closing handshake of a rebalance: an exchange without reads. A rank
+    /// that missed a dead peer's last DONE learns from the others' messages
+    /// here that the last layer completed everywhere (see [`Engine::begin`]).
+    /// `label` is the layer number reported on failure.
+    pub fn barrier(&mut self, label: usize) -> Result<(), NixlError> {
+        self.begin(label, Vec::new(), &[], false)?;
+        self.end().map(|_| ())
+    }
+
+    /// First half of an exchange: says READY (carrying `ready_payload` to every
+    /// peer), posts this rank's READs and returns once they all completed; with
+    /// `want_payloads`, also once every source's READY arrived, returning their
+    /// payloads (index = rank). Nothing is committed-safe until [`Engine::end`].
+    ///
+    /// If an earlier layer completed everywhere but a peer failed while it
+    /// did, this fails at once (naming that peer) so that every survivor
+    /// reports the same layer.
+    pub fn begin(
+        &mut self,
+        layer: usize,
+        reads: Vec<PeerRead>,
+        ready_payload: &[u8],
+        want_payloads: bool,
+    ) -> Result<Vec<Option<Vec<u8>>>, NixlError> {
+        self.validate_reads(layer, &reads)?;
         let local = self
             .local
             .ok_or_else(|| NixlError::Protocol("exchange before connect".into()))?;
-        for r in reads {
-            if self.peers[r.src_rank as usize].is_none() {
-                return Err(NixlError::Protocol(format!(
-                    "no connection to rank {}",
-                    r.src_rank
-                )));
-            }
+        if let Some(r) = reads
+            .iter()
+            .find(|r| self.peers[r.src_rank as usize].is_none())
+        {
+            return Err(NixlError::Protocol(format!(
+                "no connection to rank {}",
+                r.src_rank
+            )));
+        }
+        if self.cur.is_some() {
+            return Err(NixlError::Protocol(
+                "begin called while an exchange is open; call end first".into(),
+            ));
         }
         self.seq += 1;
-        let seq = self.seq;
-        let start = Instant::now();
-        let deadline = start + self.cfg.timeout;
-        let staged = self.cfg.mode == Mode::Staged;
-        let mut inflight: Vec<Option<XferReq>> = reads.iter().map(|_| None).collect();
-        let mut posted = vec![false; reads.len()];
-        let mut done = vec![false; reads.len()];
-        let result = self.run_exchange(
+        let now = Instant::now();
+        let n = reads.len();
+        self.cur = Some(Current {
             layer,
-            seq,
+            seq: self.seq,
+            start: now,
+            deadline: now + self.cfg.timeout,
             reads,
-            local,
-            staged,
-            deadline,
-            &mut inflight,
-            &mut posted,
-            &mut done,
-        );
-        for req in inflight.into_iter().flatten() {
-            self.agent.release(req);
-        }
-        if let Err(e) = &result {
-            // Tell the others at once, so they fail fast naming the real culprit.
-            let culprit = match e {
-                NixlError::Timeout { peer, .. } | NixlError::PeerFailed { peer, .. } => *peer,
-                _ => self.cfg.rank,
+            inflight: (0..n).map(|_| None).collect(),
+            done: vec![false; n],
+            done_sent: false,
+        });
+        if let Some((peer, reason)) = self.pending_failure.take() {
+            let err = NixlError::PeerFailed {
+                peer,
+                layer,
+                reason,
             };
-            self.announce_abort(seq, culprit);
+            return Err(self.fail(err).err().unwrap_or_else(|| {
+                NixlError::Protocol("pending failure resolved as success".into())
+            }));
         }
-        // Keep only messages of later exchanges.
-        self.inbox.retain(|&(s, _, _)| s > seq);
-        self.aborts.retain(|&s, _| s > seq);
-        result?;
+        self.fault_point(layer, Fault::ExitBeforeReady);
+        let res = self
+            .broadcast_kind(KIND_READY, ready_payload)
+            .and_then(|_| self.drive(local, Phase::Reads { want_payloads }));
+        match res {
+            Ok(()) => {
+                let seq = self.seq;
+                let payloads = (0..self.cfg.world)
+                    .map(|r| self.payloads.get(&(seq, r)).cloned())
+                    .collect();
+                Ok(payloads)
+            }
+            Err(e) => Err(self.fail(e).err().unwrap_or_else(|| {
+                NixlError::Protocol("layer proven complete before its reads finished".into())
+            })),
+        }
+    }
+
+    /// Second half of an exchange: says DONE and waits for every peer's DONE
+    /// (or for proof that every peer has it: a message of a later exchange).
+    /// On success the caller may commit the layer.
+    pub fn end(&mut self) -> Result<ExchangeStats, NixlError> {
+        let local = self
+            .local
+            .ok_or_else(|| NixlError::Protocol("exchange before connect".into()))?;
+        let layer = match &self.cur {
+            Some(c) => c.layer,
+            None => return Err(NixlError::Protocol("end called without begin".into())),
+        };
+        self.fault_point(layer, Fault::HangBeforeDone);
+        self.fault_point(layer, Fault::ExitMidDone);
+        let res = self
+            .broadcast_kind(KIND_DONE, &[])
+            .map(|_| {
+                if let Some(c) = self.cur.as_mut() {
+                    c.done_sent = true;
+                }
+            })
+            .and_then(|_| self.drive(local, Phase::Done));
+        match res {
+            Ok(()) => Ok(self.finish_ok()),
+            Err(e) => self.fail(e).map(|_| self.finish_ok()),
+        }
+    }
+
+    /// Abandons the open exchange because this rank found `culprit` at fault
+    /// (e.g. a checksum mismatch); peers are told at once. Never commits.
+    pub fn abort(&mut self, culprit: u32, reason: String) -> NixlError {
+        let layer = self.cur.as_ref().map_or(0, |c| c.layer);
+        if self.cur.is_none() {
+            return NixlError::Protocol("abort called without an open exchange".into());
+        }
+        if let Some(c) = self.cur.as_mut() {
+            c.done_sent = false; // we never said DONE: nobody can commit this layer
+        }
+        let err = NixlError::PeerFailed {
+            peer: culprit,
+            layer,
+            reason,
+        };
+        self.fail(err)
+            .err()
+            .unwrap_or_else(|| NixlError::Protocol("an aborted layer cannot complete".into()))
+    }
+
+    fn finish_ok(&mut self) -> ExchangeStats {
+        let cur = self.close_current();
         let row_bytes = self.layout.expert_bytes();
-        let rows_per_peer: Vec<(u32, usize)> = reads.iter().map(|r| (r.src_rank, r.rows)).collect();
+        let (rows_per_peer, start) = match &cur {
+            Some(c) => (
+                c.reads.iter().map(|r| (r.src_rank, r.rows)).collect(),
+                c.start,
+            ),
+            None => (Vec::new(), Instant::now()),
+        };
+        let rows_per_peer: Vec<(u32, usize)> = rows_per_peer;
         let bytes_read = rows_per_peer
             .iter()
             .map(|&(_, n)| n as u64 * row_bytes)
             .sum();
-        Ok(ExchangeStats {
+        ExchangeStats {
             rows_per_peer,
             bytes_read,
             seconds: start.elapsed().as_secs_f64(),
-        })
+        }
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn run_exchange(
-        &mut self,
-        layer: usize,
-        seq: u64,
-        reads: &[PeerRead],
-        local: PreparedList,
-        staged: bool,
-        deadline: Instant,
-        inflight: &mut [Option<XferReq>],
-        posted: &mut [bool],
-        done: &mut [bool],
-    ) -> Result<(), NixlError> {
-        // READY means "I entered this layer (and, staged, packed my sends)".
-        // Zero-copy does not wait for it; it tells a live-but-waiting peer
-        // from a dead one when a deadline passes.
-        self.broadcast(layer, seq, KIND_READY)?;
-        let mut done_sent = false;
+    /// Releases the open exchange's requests and drops messages it no longer needs.
+    fn close_current(&mut self) -> Option<Current> {
+        let mut cur = self.cur.take()?;
+        for req in cur.inflight.iter_mut().filter_map(Option::take) {
+            self.agent.release(req);
+        }
+        let seq = cur.seq;
+        self.inbox.retain(|&(s, _, _)| s > seq);
+        self.payloads.retain(|&(s, _), _| s > seq);
+        self.aborts.retain(|&(s, _), _| s > seq);
+        Some(cur)
+    }
+
+    /// Polls until `phase` is reached, a peer fails, or the deadline passes.
+    fn drive(&mut self, local: PreparedList, phase: Phase) -> Result<(), NixlError> {
         let mut idle_polls: u32 = 0;
         loop {
             let mut progressed = false;
             // Pumping also progresses UCX, so our own DONE is flushed at least
             // once before we leave (we run without NIXL's progress thread).
+            let (layer, seq) = match &self.cur {
+                Some(c) => (c.layer, c.seq),
+                None => return Err(NixlError::Protocol("no open exchange".into())),
+            };
             self.pump_inbox(layer)?;
-            if done_sent && self.missing_peer(seq, KIND_DONE).is_none() {
-                return Ok(());
+            let staged = self.cfg.mode == Mode::Staged;
+            let mut cur = match self.cur.take() {
+                Some(c) => c,
+                None => return Err(NixlError::Protocol("no open exchange".into())),
+            };
+            let step = self.step_reads(&mut cur, local, staged, &mut progressed);
+            let reads_done = cur.done.iter().all(|&d| d);
+            let sources_ready = cur
+                .reads
+                .iter()
+                .all(|r| self.inbox.contains(&(seq, r.src_rank, KIND_READY)));
+            let done_sent = cur.done_sent;
+            let deadline = cur.deadline;
+            let first_unread = cur
+                .done
+                .iter()
+                .position(|&d| !d)
+                .map(|i| cur.reads[i].src_rank);
+            self.cur = Some(cur);
+            step?;
+            match phase {
+                Phase::Reads { want_payloads } => {
+                    if reads_done && (!want_payloads || sources_ready) {
+                        return Ok(());
+                    }
+                }
+                Phase::Done => {
+                    // A peer's message of a later exchange proves that peer got
+                    // every DONE of this one, so every rank finished it.
+                    if done_sent
+                        && (self.missing_peer(seq, KIND_DONE).is_none() || self.max_seq_seen > seq)
+                    {
+                        return Ok(());
+                    }
+                }
             }
-            if let Some(&(from, culprit)) = self.aborts.get(&seq) {
+            if let Some((from, culprit)) = self.first_abort(seq) {
                 return Err(NixlError::PeerFailed {
                     peer: culprit,
                     layer,
                     reason: format!("rank {from} aborted the layer because rank {culprit} failed"),
                 });
             }
-            for i in 0..reads.len() {
-                let r = &reads[i];
-                if !posted[i] && (!staged || self.inbox.contains(&(seq, r.src_rank, KIND_READY))) {
-                    let remote = match &self.peers[r.src_rank as usize] {
-                        Some(p) => p.remote,
-                        None => {
-                            return Err(NixlError::Protocol(format!(
-                                "no connection to rank {}",
-                                r.src_rank
-                            )))
-                        }
-                    };
-                    let (req, state) = self
-                        .agent
-                        .post_read(local, &r.local, remote, &r.remote)
-                        .map_err(|e| peer_failed(r.src_rank, layer, e))?;
-                    posted[i] = true;
-                    progressed = true;
-                    if state == XferState::Done {
-                        done[i] = true;
-                        self.agent.release(req);
-                    } else {
-                        inflight[i] = Some(req);
-                    }
-                }
-                if let Some(req) = &inflight[i] {
-                    match self.agent.status(req) {
-                        Ok(XferState::Done) => {
-                            done[i] = true;
-                            progressed = true;
-                            if let Some(req) = inflight[i].take() {
-                                self.agent.release(req);
-                            }
-                        }
-                        Ok(XferState::InProgress) => {}
-                        Err(e) => return Err(peer_failed(r.src_rank, layer, e)),
-                    }
-                }
-            }
-            if !done_sent && done.iter().all(|&d| d) {
-                self.broadcast(layer, seq, KIND_DONE)?;
-                done_sent = true;
-                progressed = true;
-            }
             if Instant::now() >= deadline {
-                let waited_s = self.cfg.timeout.as_secs_f64();
                 // Blame, in order: a peer that never entered the layer (dead or
                 // stuck earlier), a source whose READ did not finish, then a
                 // peer that did not say DONE.
                 let (peer, waiting_for) = if let Some(p) = self.missing_peer(seq, KIND_READY) {
                     (p, "READY")
-                } else if let Some(i) = (0..reads.len()).find(|&i| !done[i]) {
-                    (reads[i].src_rank, "READ")
+                } else if let Some(p) = first_unread {
+                    (p, "READ")
                 } else {
                     (
                         self.missing_peer(seq, KIND_DONE).unwrap_or(self.cfg.rank),
@@ -441,7 +621,7 @@ impl Engine {
                 return Err(NixlError::Timeout {
                     peer,
                     layer,
-                    waited_s,
+                    waited_s: self.cfg.timeout.as_secs_f64(),
                     waiting_for,
                 });
             }
@@ -454,11 +634,158 @@ impl Engine {
         }
     }
 
+    /// Posts READs that may go (staged: once the source is READY) and polls
+    /// those in flight.
+    fn step_reads(
+        &mut self,
+        cur: &mut Current,
+        local: PreparedList,
+        staged: bool,
+        progressed: &mut bool,
+    ) -> Result<(), NixlError> {
+        for i in 0..cur.reads.len() {
+            if cur.done[i] {
+                continue;
+            }
+            let r = &cur.reads[i];
+            if cur.inflight[i].is_none()
+                && (!staged || self.inbox.contains(&(cur.seq, r.src_rank, KIND_READY)))
+            {
+                let remote = match &self.peers[r.src_rank as usize] {
+                    Some(p) => p.remote,
+                    None => {
+                        return Err(NixlError::Protocol(format!(
+                            "no connection to rank {}",
+                            r.src_rank
+                        )))
+                    }
+                };
+                let (req, state) = self
+                    .agent
+                    .post_read(local, &r.local, remote, &r.remote)
+                    .map_err(|e| peer_failed(r.src_rank, cur.layer, e))?;
+                *progressed = true;
+                if state == XferState::Done {
+                    cur.done[i] = true;
+                    self.agent.release(req);
+                    continue;
+                }
+                cur.inflight[i] = Some(req);
+            }
+            if let Some(req) = &cur.inflight[i] {
+                match self.agent.status(req) {
+                    Ok(XferState::Done) => {
+                        cur.done[i] = true;
+                        *progressed = true;
+                        if let Some(req) = cur.inflight[i].take() {
+                            self.agent.release(req);
+                        }
+                    }
+                    Ok(XferState::InProgress) => {}
+                    Err(e) => return Err(peer_failed(r.src_rank, cur.layer, e)),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Failure path of the open exchange: tell every peer (ABORT naming the
+    /// culprit), then wait a short grace period to learn whether the layer
+    /// nevertheless completed everywhere. It did if a peer already sent a
+    /// message of a later exchange (it had every DONE, so every rank finished
+    /// its reads and nobody reads our rows any more); then this returns `Ok`
+    /// (commit) and the failure is raised by the next exchange instead, so
+    /// that all survivors agree on which layers were committed. The wait ends
+    /// early once every peer but the culprit(s) has aborted this layer too.
+    fn fail(&mut self, err: NixlError) -> Result<(), NixlError> {
+        let (layer, seq, done_sent) = match &self.cur {
+            Some(c) => (c.layer, c.seq, c.done_sent),
+            None => return Err(err),
+        };
+        // Cancel our READs now: nothing of this layer is used unless proven.
+        if let Some(c) = self.cur.as_mut() {
+            let reqs: Vec<XferReq> = c.inflight.iter_mut().filter_map(Option::take).collect();
+            for req in reqs {
+                self.agent.release(req);
+            }
+        }
+        let culprit = match &err {
+            NixlError::Timeout { peer, .. } | NixlError::PeerFailed { peer, .. } => *peer,
+            _ => self.cfg.rank,
+        };
+        self.announce_abort(seq, culprit);
+        let grace_end = Instant::now() + self.grace();
+        let mut idle = 0u32;
+        let proven = loop {
+            if self.pump_inbox(layer).is_err() {
+                break false;
+            }
+            if done_sent && self.max_seq_seen > seq {
+                break true;
+            }
+            let mut blamed: HashSet<u32> = HashSet::from([culprit]);
+            blamed.extend(
+                self.aborts
+                    .iter()
+                    .filter(|(&(s, _), _)| s == seq)
+                    .map(|(_, &c)| c),
+            );
+            let all_aborted = (0..self.cfg.world).all(|p| {
+                p == self.cfg.rank || blamed.contains(&p) || self.aborts.contains_key(&(seq, p))
+            });
+            if all_aborted || Instant::now() >= grace_end {
+                break false;
+            }
+            idle = idle.saturating_add(1);
+            backoff(idle);
+        };
+        // A rank that itself aborted is alive: follow its word to the real culprit.
+        let mut blame = culprit;
+        for _ in 0..self.cfg.world {
+            match self.aborts.get(&(seq, blame)) {
+                Some(&next) if next != blame && next != self.cfg.rank => blame = next,
+                _ => break,
+            }
+        }
+        if blame != self.cfg.rank {
+            self.failed_peers.insert(blame);
+        }
+        let err = if blame == culprit {
+            err
+        } else {
+            NixlError::PeerFailed {
+                peer: blame,
+                layer,
+                reason: format!("rank {culprit} reported rank {blame} failed ({err})"),
+            }
+        };
+        if proven {
+            self.pending_failure = Some((
+                blame,
+                format!("rank {blame} failed while layer {layer} completed: {err}"),
+            ));
+            Ok(())
+        } else {
+            self.close_current();
+            Err(err)
+        }
+    }
+
+    /// How long a failing rank waits to learn whether the layer completed
+    /// elsewhere: long enough for a peer's next message to arrive.
+    fn grace(&self) -> Duration {
+        self.cfg.timeout.min(Duration::from_secs(2))
+    }
+
+    fn first_abort(&self, seq: u64) -> Option<(u32, u32)> {
+        (0..self.cfg.world).find_map(|from| self.aborts.get(&(seq, from)).map(|&c| (from, c)))
+    }
+
     fn missing_peer(&self, seq: u64, kind: u8) -> Option<u32> {
         (0..self.cfg.world).find(|&r| r != self.cfg.rank && !self.inbox.contains(&(seq, r, kind)))
     }
 
-    fn announce_abort(&self, seq: u64, culprit: u32) {
+    fn announce_abort(&mut self, seq: u64, culprit: u32) {
         let mut msg = encode_msg(seq, KIND_ABORT);
         msg.extend_from_slice(&culprit.to_le_bytes());
         for (rank, peer) in self.peers.iter().enumerate() {
@@ -470,12 +797,27 @@ impl Engine {
         }
     }
 
-    fn broadcast(&self, layer: usize, seq: u64, kind: u8) -> Result<(), NixlError> {
-        let msg = encode_msg(seq, kind);
+    /// Sends `kind` (with `payload`) for the open exchange to every peer.
+    fn broadcast_kind(&mut self, kind: u8, payload: &[u8]) -> Result<(), NixlError> {
+        let (layer, seq) = match &self.cur {
+            Some(c) => (c.layer, c.seq),
+            None => return Err(NixlError::Protocol("no open exchange".into())),
+        };
+        let mut msg = encode_msg(seq, kind);
+        msg.extend_from_slice(payload);
+        self.send_all(layer, &msg, None)
+    }
+
+    /// Sends `msg` to every connected peer (but `skip`); with the
+    /// `exit_mid_done` fault, only to the lowest peer, then exits.
+    fn send_all(&self, layer: usize, msg: &[u8], skip: Option<u32>) -> Result<(), NixlError> {
         for (rank, peer) in self.peers.iter().enumerate() {
             if let Some(p) = peer {
+                if Some(rank as u32) == skip {
+                    continue;
+                }
                 self.agent
-                    .notify(&p.name, &msg)
+                    .notify(&p.name, msg)
                     .map_err(|e| peer_failed(rank as u32, layer, e))?;
             }
         }
@@ -486,17 +828,32 @@ impl Engine {
         let mut scratch = std::mem::take(&mut self.scratch);
         let res = self.agent.drain_notifs(&mut scratch);
         for (sender, msg) in scratch.drain(..) {
-            if let (Some(&rank), Some((seq, kind))) =
-                (self.name_to_rank.get(&sender), decode_msg(&msg))
-            {
-                if seq >= self.seq {
-                    if kind == KIND_ABORT {
-                        let culprit = decode_abort(&msg).unwrap_or(rank);
-                        self.aborts.entry(seq).or_insert((rank, culprit));
-                    } else {
-                        self.inbox.insert((seq, rank, kind));
-                    }
+            let rank = match self.name_to_rank.get(&sender) {
+                Some(&r) => r,
+                None => continue,
+            };
+            let (seq, kind, tail) = match decode_msg(&msg) {
+                Some(m) => m,
+                None => continue,
+            };
+            if kind != KIND_BYE && seq > self.max_seq_seen {
+                self.max_seq_seen = seq;
+            }
+            if seq < self.seq {
+                continue; // stale: an exchange that already ended here
+            }
+            match kind {
+                KIND_ABORT => {
+                    let culprit = decode_u32(tail).unwrap_or(rank);
+                    self.aborts.entry((seq, rank)).or_insert(culprit);
                 }
+                KIND_READY | KIND_DONE | KIND_BYE => {
+                    if kind == KIND_READY && !tail.is_empty() {
+                        self.payloads.insert((seq, rank), tail.to_vec());
+                    }
+                    self.inbox.insert((seq, rank, kind));
+                }
+                _ => {}
             }
         }
         self.scratch = scratch;
@@ -507,16 +864,61 @@ impl Engine {
         })
     }
 
+    /// Test-only fault injection (`EPLB_XFER_FAULT=<kind>:<layer>`): makes this
+    /// process die or hang at a chosen protocol step, so tests can check what
+    /// survivors do. Unset in production; an unknown value is ignored.
+    fn fault_point(&self, layer: usize, at: Fault) {
+        match self.fault {
+            Some((f, l)) if f == at && l == layer => {}
+            _ => return,
+        }
+        match at {
+            Fault::ExitBeforeReady => std::process::exit(17),
+            Fault::HangBeforeDone => loop {
+                std::thread::sleep(Duration::from_secs(3600));
+            },
+            Fault::ExitMidDone => {
+                // DONE reaches only the lowest-numbered peer, then the process dies.
+                if let Some(c) = &self.cur {
+                    let msg = encode_msg(c.seq, KIND_DONE);
+                    if let Some((_, p)) = self
+                        .peers
+                        .iter()
+                        .enumerate()
+                        .find_map(|(r, p)| p.as_ref().map(|p| (r, p)))
+                    {
+                        let _ = self.agent.notify(&p.name, &msg);
+                        let until = Instant::now() + Duration::from_millis(300);
+                        let mut sink = Vec::new();
+                        while Instant::now() < until {
+                            let _ = self.agent.drain_notifs(&mut sink); // flush
+                            std::thread::sleep(Duration::from_millis(1));
+                        }
+                    }
+                }
+                std::process::exit(17)
+            }
+        }
+    }
+
     /// Says goodbye to every peer and waits (at most `linger`) for theirs, so
     /// that no message still queued in UCX (a final DONE) is lost when the
     /// agent goes away; then forgets peers' metadata. The agent is freed on drop.
     pub fn close(&mut self, linger: Duration) {
+        self.close_current();
         if self.local.is_some() {
             let seq = self.seq + 1;
-            let _ = self.broadcast(0, seq, KIND_BYE);
+            let _ = self.send_all(0, &encode_msg(seq, KIND_BYE), None);
             let deadline = Instant::now() + linger;
             let mut idle = 0u32;
-            while self.missing_peer(seq, KIND_BYE).is_some() && Instant::now() < deadline {
+            let waiting = |e: &Engine| {
+                (0..e.cfg.world).any(|r| {
+                    r != e.cfg.rank
+                        && !e.failed_peers.contains(&r)
+                        && !e.inbox.contains(&(seq, r, KIND_BYE))
+                })
+            };
+            while waiting(self) && Instant::now() < deadline {
                 if self.pump_inbox(0).is_err() {
                     break;
                 }
@@ -561,19 +963,23 @@ fn encode_msg(seq: u64, kind: u8) -> Vec<u8> {
     m
 }
 
-fn decode_abort(m: &[u8]) -> Option<u32> {
-    let b: [u8; 4] = m.get(13..17)?.try_into().ok()?;
+fn decode_u32(tail: &[u8]) -> Option<u32> {
+    let b: [u8; 4] = tail.get(..4)?.try_into().ok()?;
     Some(u32::from_le_bytes(b))
 }
 
-fn decode_msg(m: &[u8]) -> Option<(u64, u8)> {
-    let ok_len = m.len() == 13 || (m.len() == 17 && m.get(12) == Some(&KIND_ABORT));
-    if !ok_len || &m[..4] != MSG_MAGIC {
+/// `(seq, kind, payload)` of one of our messages, or None for anything else.
+fn decode_msg(m: &[u8]) -> Option<(u64, u8, &[u8])> {
+    if m.len() < 13 || &m[..4] != MSG_MAGIC {
         return None;
     }
-    let mut s = [0u8; 8];
-    s.copy_from_slice(&m[4..12]);
-    Some((u64::from_le_bytes(s), m[12]))
+    let s: [u8; 8] = m[4..12].try_into().ok()?;
+    let kind = m[12];
+    let tail = &m[13..];
+    if kind == KIND_ABORT && tail.len() != 4 {
+        return None;
+    }
+    Some((u64::from_le_bytes(s), kind, tail))
 }
 
 type ParsedBlob = (u32, String, Vec<u8>, RankLayout);
@@ -616,14 +1022,33 @@ mod tests {
     fn messages_round_trip_and_reject_garbage() {
         assert_eq!(
             decode_msg(&encode_msg(42, KIND_DONE)),
-            Some((42, KIND_DONE))
+            Some((42, KIND_DONE, &[][..]))
         );
         assert_eq!(decode_msg(b"hello"), None);
         assert_eq!(decode_msg(&[0u8; 13]), None);
         let mut a = encode_msg(7, KIND_ABORT);
+        assert_eq!(decode_msg(&a), None); // an ABORT must name the culprit
         a.extend_from_slice(&3u32.to_le_bytes());
-        assert_eq!(decode_msg(&a), Some((7, KIND_ABORT)));
-        assert_eq!(decode_abort(&a), Some(3));
+        let (seq, kind, tail) = decode_msg(&a).unwrap();
+        assert_eq!((seq, kind, decode_u32(tail)), (7, KIND_ABORT, Some(3)));
+        let mut r = encode_msg(9, KIND_READY);
+        r.extend_from_slice(b"hashes");
+        assert_eq!(decode_msg(&r), Some((9, KIND_READY, &b"hashes"[..])));
+    }
+
+    #[test]
+    fn fault_spec_parses_or_is_ignored() {
+        assert_eq!(
+            parse_fault("exit_mid_done:3"),
+            Some((Fault::ExitMidDone, 3))
+        );
+        assert_eq!(
+            parse_fault("hang_before_done:0"),
+            Some((Fault::HangBeforeDone, 0))
+        );
+        assert_eq!(parse_fault("exit_before_ready:x"), None);
+        assert_eq!(parse_fault("explode:1"), None);
+        assert_eq!(parse_fault(""), None);
     }
 
     #[test]
