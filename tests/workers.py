@@ -7,7 +7,14 @@ import torch
 
 import eplb_xfer
 from eplb_xfer._tensors import copy_rows, copy_runs
-from eplb_xfer.testing import TensorSpec, build_weights, random_placement, verify
+from eplb_xfer.testing import (
+    TensorSpec,
+    build_weights,
+    random_placement,
+    snapshot,
+    unchanged_layers,
+    verify,
+)
 
 MIXED = [
     TensorSpec("w13", torch.uint8, (8, 12)),
@@ -171,38 +178,6 @@ def bad_input_then_reuse(rank: int, world: int, backend: str, mode: str):
     return untouched, errs, caught
 
 
-def peer_dies_mid_rebalance(rank: int, world: int, mode: str, victim: int):
-    """``victim`` exits right after committing layer 0; survivors must raise
-    TransferError for layer 1 with committed_layers == [0] and layers >= 1
-    unchanged."""
-    import os
-    import time
-
-    seed = 11
-    rng = np.random.default_rng(seed)
-    n_local, L = 3, 3
-    E = world * n_local - world
-    old = random_placement(rng, L, E, world * n_local, 0)
-    new = np.roll(old, n_local, axis=1)  # every rank gets another rank's experts
-    weights, buffer = build_weights(MIXED, old, rank, world, E, seed)
-    comm = eplb_xfer.NixlCommunicator(None, weights, buffer, mode=mode, timeout_s=3.0)
-
-    def on_layer(layer: int) -> None:
-        if rank == victim and layer == 0:
-            os._exit(17)
-
-    t0 = time.monotonic()
-    try:
-        eplb_xfer.rearrange_expert_weights_inplace(
-            old, new, weights, buffer, None, comm, on_layer=on_layer
-        )
-    except eplb_xfer.TransferError as e:
-        elapsed = time.monotonic() - t0
-        errs = verify(MIXED, weights, old, new, rank, world, E, seed, layers=[0])
-        return ("TransferError", e.peer, e.layer, e.committed_layers, errs, elapsed, str(e))
-    return ("no error",)
-
-
 def nixl_unloadable(rank: int, world: int, lib_path: str):
     """A missing or foreign library gives NixlUnavailable, not an abort."""
     weights, buffer = build_weights(MIXED, np.array([[0, 1]]), rank, world, 2, 0)
@@ -211,3 +186,67 @@ def nixl_unloadable(rank: int, world: int, lib_path: str):
     except eplb_xfer.NixlUnavailable as e:
         return str(e)
     return None
+
+
+def dead_peer(rank: int, world: int, mode: str, victim: int, how: str, layer: int):
+    """``victim`` dies or hangs at a chosen point of a 4-layer rebalance in
+    which every layer moves; survivors report what they saw.
+
+    ``how``: ``exit_after_setup`` / ``hang_after_setup`` (before the
+    rebalance), ``exit_after_layer`` (after committing ``layer``), or one of
+    the engine's fault points ``exit_before_ready``, ``hang_before_done``,
+    ``exit_mid_done`` (DONE of ``layer`` reaches only the lowest peer).
+    """
+    import os
+    import time
+
+    seed = 11
+    rng = np.random.default_rng(seed)
+    n_local, L = 3, 4
+    E = world * n_local - world
+    old = random_placement(rng, L, E, world * n_local, 0)
+    new = np.roll(old, n_local, axis=1)  # every rank gets another rank's experts
+    weights, buffer = build_weights(MIXED, old, rank, world, E, seed)
+    snap = snapshot(weights)
+    if rank == victim and how in ("exit_before_ready", "hang_before_done", "exit_mid_done"):
+        os.environ["EPLB_XFER_FAULT"] = f"{how}:{layer}"
+    comm = eplb_xfer.NixlCommunicator(None, weights, buffer, mode=mode, timeout_s=3.0)
+    if rank == victim:
+        if how == "exit_after_setup":
+            os._exit(17)
+        if how == "hang_after_setup":
+            time.sleep(3600)
+
+    def on_layer(done: int) -> None:
+        if rank == victim and how == "exit_after_layer" and done == layer:
+            os._exit(17)
+
+    t0 = time.monotonic()
+    try:
+        eplb_xfer.rearrange_expert_weights_inplace(
+            old, new, weights, buffer, None, comm, on_layer=on_layer
+        )
+        outcome = ("no error", None, None, None, "")
+    except eplb_xfer.TransferError as e:
+        outcome = ("TransferError", e.peer, e.layer, e.committed_layers, str(e))
+    elapsed = time.monotonic() - t0
+    committed = outcome[3] or []
+    errs = verify(MIXED, weights, old, new, rank, world, E, seed, layers=committed)
+    untouched = set(unchanged_layers(weights, snap)) >= set(range(L)) - set(committed)
+    counters = comm.counters
+    comm.close()
+    from eplb_xfer import _core
+
+    return {
+        "kind": outcome[0],
+        "peer": outcome[1],
+        "layer": outcome[2],
+        "committed": committed,
+        "msg": outcome[4],
+        "errors": errs,
+        "untouched": untouched,
+        "elapsed": elapsed,
+        "requests_live": counters["requests_live"],
+        "failed_peers": counters["failed_peers"],
+        "live_agents_after_close": _core.live_agents(),
+    }

@@ -11,7 +11,7 @@ import queue
 import tempfile
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 import torch.multiprocessing as mp
@@ -56,12 +56,18 @@ def spawn_ranks(
     timeout_s: float = 300.0,
     env: dict[str, str] | None = None,
     allow_failures: bool = False,
+    wait_for: Collection[int] | None = None,
+    pids: list[int] | None = None,
 ) -> list[Any]:
     """Runs ``fn(rank, world, *args)`` in ``world`` spawned processes.
 
     Returns the per-rank results (rank order). ``fn`` must be importable
     (module level). With ``allow_failures``, a failed rank's entry is the
     ``RankFailed`` describing it instead of raising.
+
+    ``wait_for`` (ranks): return once those ranks reported; the others (say,
+    a rank made to hang) are killed and reported as failed. ``pids``, if
+    given, receives the children's process ids (to check none outlives this).
     """
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
@@ -77,10 +83,13 @@ def spawn_ranks(
         ]
         for p in procs:
             p.start()
+        if pids is not None:
+            pids.extend(int(p.pid or 0) for p in procs)
+        awaited = set(range(world) if wait_for is None else wait_for)
         results: dict[int, tuple[bool, Any]] = {}
         deadline = time.monotonic() + timeout_s
         try:
-            while len(results) < world:
+            while not awaited <= results.keys():
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
@@ -96,15 +105,21 @@ def spawn_ranks(
                     for r in dead:
                         results[r] = (False, f"rank {r} died with exit code {procs[r].exitcode}")
         finally:
-            for p in procs:
-                p.join(timeout=max(0.0, min(10.0, deadline - time.monotonic())) if results else 0.1)
+            for r, p in enumerate(procs):
+                if r in awaited:
+                    p.join(timeout=max(0.0, min(10.0, deadline - time.monotonic())) if results else 0.1)
             for p in procs:
                 if p.is_alive():
                     p.kill()
                     p.join(5)
         missing = [r for r in range(world) if r not in results]
         for r in missing:
-            results[r] = (False, f"rank {r} produced no result within {timeout_s:.0f}s")
+            why = (
+                f"produced no result within {timeout_s:.0f}s"
+                if r in awaited
+                else "was killed once the awaited ranks had finished"
+            )
+            results[r] = (False, f"rank {r} {why}")
     failures = {r: v for r, (ok, v) in results.items() if not ok}
     if failures and not allow_failures:
         msg = "\n".join(f"--- rank {r} ---\n{v}" for r, v in sorted(failures.items()))

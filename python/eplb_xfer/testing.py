@@ -141,3 +141,19 @@ def verify(
                         f"expected expert {e}"
                     )
     return errors
+
+
+def snapshot(weights: Sequence[Sequence[torch.Tensor]]) -> list[list[torch.Tensor]]:
+    """A copy of every tensor's bytes (for :func:`unchanged_layers`)."""
+    return [[_bytes(t).clone() for t in layer] for layer in weights]
+
+
+def unchanged_layers(
+    weights: Sequence[Sequence[torch.Tensor]], snap: Sequence[Sequence[torch.Tensor]]
+) -> list[int]:
+    """Layers whose bytes equal the :func:`snapshot` bit for bit (NaN-safe)."""
+    return [
+        li
+        for li, (layer, saved) in enumerate(zip(weights, snap))
+        if all(torch.equal(_bytes(t), s) for t, s in zip(layer, saved))
+    ]
