@@ -17,7 +17,7 @@ def world():
     """Runs a `workers` function on N spawned ranks: world(fn, n, *args)."""
     from eplb_xfer._spawn import spawn_ranks
 
-    def run(fn, n, *args, timeout_s=180.0, allow_failures=False, env=None, wait_for=None, pids=None):
+    def run(fn, n, *args, timeout_s=180.0, allow_failures=False, env=None, **kw):
         return spawn_ranks(
             fn,
             n,
@@ -25,8 +25,7 @@ def world():
             timeout_s=timeout_s,
             allow_failures=allow_failures,
             env={**QUIET_UCX, **(env or {})},
-            wait_for=wait_for,
-            pids=pids,
+            **kw,  # wait_for, pids
         )
 
     return run

@@ -107,7 +107,8 @@ def spawn_ranks(
         finally:
             for r, p in enumerate(procs):
                 if r in awaited:
-                    p.join(timeout=max(0.0, min(10.0, deadline - time.monotonic())) if results else 0.1)
+                    left = max(0.0, min(10.0, deadline - time.monotonic()))
+                    p.join(timeout=left if results else 0.1)
             for p in procs:
                 if p.is_alive():
                     p.kill()
