@@ -6,5 +6,6 @@ pub mod host_copy;
 pub mod layout;
 pub mod nixl;
 pub mod plan;
+pub mod plan_check;
 #[cfg(feature = "python")]
 mod python;

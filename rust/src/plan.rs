@@ -294,6 +294,17 @@ pub fn plan_rebalance(
     )?);
 
     let n_local = num_slots / ep_size;
+    if num_layers == 0 {
+        // Nothing to plan. Empty arrays fit any `num_slots`, so it must not size
+        // the scratch buffers here (it could ask for tens of GiB and abort).
+        return Ok(TransferPlan {
+            num_layers,
+            num_slots,
+            ep_size,
+            n_local,
+            layers: Vec::new(),
+        });
+    }
     let mut scratch = Scratch::new(num_slots, ep_size, max_id);
     let mut layers = Vec::with_capacity(num_layers);
     for (layer, (old_l, new_l)) in old

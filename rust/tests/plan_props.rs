@@ -1,8 +1,9 @@
 //! Property tests for `eplb_xfer::plan`.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use eplb_xfer::plan::{plan_rebalance, PlanError, TransferPlan};
+use eplb_xfer::plan_check::{check_plan, check_rejection, fuzz_one};
 use proptest::prelude::*;
 
 /// splitmix64: small deterministic generator driven by a proptest seed.
@@ -147,100 +148,21 @@ fn reference_sources(c: &Case, layer: usize) -> BTreeMap<(u32, i64), (u32, u32, 
     out
 }
 
+/// The whole contract (`plan_check::check_plan`) plus the reference source choice.
 fn check(c: &Case) -> Result<(), TestCaseError> {
     let plan = run(c).map_err(|e| TestCaseError::fail(e.to_string()))?;
-    prop_assert_eq!(&plan, &run(c).unwrap(), "not deterministic");
-    let n_local = c.p / c.ep;
-    prop_assert_eq!(plan.layers.len(), c.layers);
-    for l in 0..c.layers {
-        let old = &c.old[l * c.p..(l + 1) * c.p];
-        let new = &c.new[l * c.p..(l + 1) * c.p];
-        let lp = &plan.layers[l];
-        prop_assert_eq!(lp.ranks.len(), c.ep);
-
-        // Simulate: weights hold expert ids; buffer per rank.
-        let mut after = old.to_vec();
-        let mut recv_set: BTreeSet<(u32, u32, i64, u32)> = BTreeSet::new(); // (src, src_row, e, reader)
-        for (r, rp) in lp.ranks.iter().enumerate() {
-            let base = r * n_local;
-            let mut buf = vec![i64::MIN; n_local];
-            for lc in &rp.local_copies {
-                prop_assert_eq!(old[base + lc.src_row as usize], lc.expert);
-                buf[lc.dst_row as usize] = old[base + lc.src_row as usize];
-            }
-            let mut seen = BTreeSet::new();
-            for rv in &rp.recvs {
-                prop_assert!(seen.insert(rv.expert), "expert received twice");
-                let src = rv.src_rank as usize * n_local + rv.src_row as usize;
-                prop_assert_eq!(old[src], rv.expert, "recv source does not hold expert");
-                prop_assert!(rv.src_rank as usize != r);
-                buf[rv.dst_row as usize] = old[src];
-                recv_set.insert((rv.src_rank, rv.src_row, rv.expert, r as u32));
-            }
-            for f in &rp.dup_fills {
-                prop_assert_eq!(buf[f.src_row as usize], f.expert);
-                buf[f.dst_row as usize] = buf[f.src_row as usize];
-            }
-            let changed = rp.changed_rows();
-            for &d in &changed {
-                after[base + d as usize] = buf[d as usize];
-            }
-            // Unchanged + changed partition the rows.
-            let mut all: Vec<u32> = rp.unchanged.iter().copied().chain(changed).collect();
-            all.sort_unstable();
-            prop_assert_eq!(all, (0..n_local as u32).collect::<Vec<_>>());
-            // Runs cover exactly the changed rows.
-            let from_runs: Vec<u32> = rp
-                .changed_runs()
-                .iter()
-                .flat_map(|&(s, n)| s..s + n)
-                .collect();
-            prop_assert_eq!(from_runs, rp.changed_rows());
-            // Ordering contracts.
-            prop_assert!(rp.unchanged.windows(2).all(|w| w[0] < w[1]));
-            prop_assert!(rp
-                .local_copies
-                .windows(2)
-                .all(|w| w[0].dst_row < w[1].dst_row));
-            prop_assert!(rp.dup_fills.windows(2).all(|w| w[0].dst_row < w[1].dst_row));
-            prop_assert!(rp
-                .recvs
-                .windows(2)
-                .all(|w| (w[0].src_rank, w[0].dst_row) < (w[1].src_rank, w[1].dst_row)));
-            prop_assert!(rp
-                .sends
-                .windows(2)
-                .all(|w| (w[0].src_row, w[0].expert) < (w[1].src_row, w[1].expert)));
-            // Each missing expert is received exactly once.
-            let missing: BTreeSet<i64> = (0..n_local)
-                .map(|d| new[base + d])
-                .enumerate()
-                .filter(|&(d, e)| e != -1 && e != old[base + d])
-                .map(|(_, e)| e)
-                .filter(|e| !old[base..base + n_local].contains(e))
-                .collect();
-            prop_assert_eq!(missing, seen);
-        }
-        for p in 0..c.p {
-            let want = if new[p] == -1 { old[p] } else { new[p] };
-            prop_assert_eq!(after[p], want, "slot {} wrong after commit", p);
-        }
-
-        // Sends == recvs.
-        let mut send_set = BTreeSet::new();
-        for (s, rp) in lp.ranks.iter().enumerate() {
-            for sd in &rp.sends {
-                prop_assert!(!sd.readers.is_empty());
-                prop_assert!(sd.readers.windows(2).all(|w| w[0] < w[1]));
-                prop_assert_eq!(old[s * n_local + sd.src_row as usize], sd.expert);
-                for &rd in &sd.readers {
-                    send_set.insert((s as u32, sd.src_row, sd.expert, rd));
-                }
-            }
-        }
-        prop_assert_eq!(send_set, recv_set);
-
-        // Source selection matches the reference (incl. balance and node preference).
+    check_plan(
+        &c.old,
+        &c.new,
+        c.layers,
+        c.p,
+        c.ep,
+        c.nodes.as_deref(),
+        &plan,
+    )
+    .map_err(TestCaseError::fail)?;
+    // Source selection matches the reference (incl. balance and node preference).
+    for (l, lp) in plan.layers.iter().enumerate() {
         let reference = reference_sources(c, l);
         let mut got = BTreeMap::new();
         for (r, rp) in lp.ranks.iter().enumerate() {
@@ -248,7 +170,118 @@ fn check(c: &Case) -> Result<(), TestCaseError> {
                 got.insert((r as u32, rv.expert), (rv.src_rank, rv.src_row, rv.dst_row));
             }
         }
-        prop_assert_eq!(got, reference);
+        prop_assert_eq!(got, reference, "layer {}", l);
+    }
+    Ok(())
+}
+
+/// Plans `c`, breaks the plan in several ways and requires `check_plan` to
+/// notice each one (so the checker is not vacuous).
+fn tampering_is_detected(c: &Case) -> Result<(), TestCaseError> {
+    let plan = run(c).map_err(|e| TestCaseError::fail(e.to_string()))?;
+    let check =
+        |p: &TransferPlan| check_plan(&c.old, &c.new, c.layers, c.p, c.ep, c.nodes.as_deref(), p);
+    prop_assert_eq!(check(&plan), Ok(()));
+    let mut broken: Vec<(&str, TransferPlan)> = Vec::new();
+    let mut mutate = |what: &'static str, f: &dyn Fn(&mut TransferPlan) -> bool| {
+        let mut p = plan.clone();
+        if f(&mut p) {
+            broken.push((what, p));
+        }
+    };
+    mutate("n_local", &|p| {
+        p.n_local += 1;
+        true
+    });
+    mutate("extra layer", &|p| {
+        let l = p.layers.first().cloned();
+        l.map(|l| p.layers.push(l)).is_some()
+    });
+    mutate("drop unchanged row", &|p| {
+        p.layers
+            .iter_mut()
+            .flat_map(|l| l.ranks.iter_mut())
+            .any(|r| r.unchanged.pop().is_some())
+    });
+    mutate("drop recv", &|p| {
+        p.layers
+            .iter_mut()
+            .flat_map(|l| l.ranks.iter_mut())
+            .any(|r| r.recvs.pop().is_some())
+    });
+    mutate("drop send", &|p| {
+        p.layers
+            .iter_mut()
+            .flat_map(|l| l.ranks.iter_mut())
+            .any(|r| r.sends.pop().is_some())
+    });
+    mutate("drop dup fill", &|p| {
+        p.layers
+            .iter_mut()
+            .flat_map(|l| l.ranks.iter_mut())
+            .any(|r| r.dup_fills.pop().is_some())
+    });
+    mutate("drop local copy", &|p| {
+        p.layers
+            .iter_mut()
+            .flat_map(|l| l.ranks.iter_mut())
+            .any(|r| r.local_copies.pop().is_some())
+    });
+    mutate("recv source row", &|p| {
+        p.layers
+            .iter_mut()
+            .flat_map(|l| l.ranks.iter_mut())
+            .flat_map(|r| r.recvs.iter_mut())
+            .next()
+            .map(|v| v.src_row ^= 1)
+            .is_some()
+    });
+    mutate("recv expert", &|p| {
+        p.layers
+            .iter_mut()
+            .flat_map(|l| l.ranks.iter_mut())
+            .flat_map(|r| r.recvs.iter_mut())
+            .next()
+            .map(|v| v.expert += 1)
+            .is_some()
+    });
+    mutate("send reader", &|p| {
+        p.layers
+            .iter_mut()
+            .flat_map(|l| l.ranks.iter_mut())
+            .flat_map(|r| r.sends.iter_mut())
+            .next()
+            .map(|s| s.readers.push(u32::MAX))
+            .is_some()
+    });
+    mutate("local copy source row", &|p| {
+        p.layers
+            .iter_mut()
+            .flat_map(|l| l.ranks.iter_mut())
+            .flat_map(|r| r.local_copies.iter_mut())
+            .next()
+            .map(|lc| lc.src_row = u32::MAX)
+            .is_some()
+    });
+    mutate("dup fill as local copy", &|p| {
+        p.layers
+            .iter_mut()
+            .flat_map(|l| l.ranks.iter_mut())
+            .any(|r| match r.dup_fills.pop() {
+                Some(f) => {
+                    r.local_copies.push(eplb_xfer::plan::LocalCopy {
+                        expert: f.expert,
+                        src_row: f.src_row,
+                        dst_row: f.dst_row,
+                    });
+                    r.local_copies.sort_unstable_by_key(|lc| lc.dst_row);
+                    true
+                }
+                None => false,
+            })
+    });
+    for (what, p) in &broken {
+        prop_assert!(check(p).is_err(), "check_plan missed: {}", what);
     }
     Ok(())
 }
@@ -267,7 +300,10 @@ proptest! {
         let c = make_case(ep, n_local, 2, seed);
         let map = |v: &Vec<i64>| v.iter().map(|&e| if e < 0 { e } else { (1i64 << 40) + e * 1000 }).collect::<Vec<_>>();
         let dense = run(&c).unwrap();
-        let sparse = plan_rebalance(&map(&c.old), &map(&c.new), c.layers, c.p, c.ep, c.nodes.as_deref()).unwrap();
+        let (old_s, new_s) = (map(&c.old), map(&c.new));
+        let sparse = plan_rebalance(&old_s, &new_s, c.layers, c.p, c.ep, c.nodes.as_deref()).unwrap();
+        check_plan(&old_s, &new_s, c.layers, c.p, c.ep, c.nodes.as_deref(), &sparse)
+            .map_err(TestCaseError::fail)?;
         // Rotation depends on the id, so only compare the structure that does not.
         for (a, b) in dense.layers.iter().zip(&sparse.layers) {
             for (ra, rb) in a.ranks.iter().zip(&b.ranks) {
@@ -281,12 +317,30 @@ proptest! {
     }
 
     #[test]
+    fn tampered_plans_fail_the_check(ep in 1usize..=4, n_local in 1usize..=4, seed in any::<u64>()) {
+        tampering_is_detected(&make_case(ep, n_local, 2, seed))?;
+    }
+
+    #[test]
     fn garbage_never_panics(ep in 0usize..4, slots in 0usize..9, layers in 0usize..3,
                             old in proptest::collection::vec(-3i64..6, 0..20),
-                            new in proptest::collection::vec(-3i64..6, 0..20)) {
-        let _ = plan_rebalance(&old, &new, layers, slots, ep, None);
-        let nodes = vec![0usize; ep];
-        let _ = plan_rebalance(&old, &new, layers, slots, ep, Some(&nodes));
+                            new in proptest::collection::vec(-3i64..6, 0..20),
+                            node_ids in proptest::collection::vec(0usize..2, 0..5)) {
+        // Whatever comes back is right: a plan satisfying the contract, or an
+        // error that describes a real defect of the input.
+        let zeros = vec![0usize; ep];
+        for nodes in [None, Some(&zeros[..]), Some(&node_ids[..])] {
+            match plan_rebalance(&old, &new, layers, slots, ep, nodes) {
+                Ok(plan) => check_plan(&old, &new, layers, slots, ep, nodes, &plan),
+                Err(e) => check_rejection(&old, &new, layers, slots, ep, nodes, &e),
+            }
+            .map_err(TestCaseError::fail)?;
+        }
+    }
+
+    #[test]
+    fn fuzz_target_holds_on_random_bytes(data in proptest::collection::vec(any::<u8>(), 0..700)) {
+        fuzz_one(&data).map_err(TestCaseError::fail)?;
     }
 }
 
