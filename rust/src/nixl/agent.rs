@@ -180,7 +180,11 @@ impl Agent {
     }
 
     fn init_backend(&mut self) -> Result<(), NixlError> {
-        let plugin = c"UCX";
+        // (a byte literal, not c"UCX": C-string literals need Rust 1.77 > MSRV)
+        let plugin = CStr::from_bytes_with_nul(b"UCX\0").map_err(|_| NixlError::InvalidName {
+            what: "plugin name",
+            name: "UCX".into(),
+        })?;
         let mut mems: ffi::MemList = ptr::null_mut();
         let mut params: ffi::Params = ptr::null_mut();
         // SAFETY: agent is live; out-pointers are valid.
