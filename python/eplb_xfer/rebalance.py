@@ -15,6 +15,7 @@ from ._tensors import (
     copy_rows,
     copy_runs,
     expert_bytes,
+    is_tensor_seq,
     synchronize,
     to_indices,
     validate_weights,
@@ -103,6 +104,16 @@ def rearrange_expert_weights_inplace(
         ``committed_layers``, within about its ``timeout_s`` plus 2 s.
     """
     t0 = time.perf_counter()
+    if communicator is not None and not isinstance(communicator, EplbCommunicator):
+        raise TypeError(
+            f"communicator: expected an EplbCommunicator or None, got {type(communicator).__name__}"
+        )
+    if group is not None and not isinstance(group, dist.ProcessGroup):
+        raise TypeError(f"group: expected a ProcessGroup or None, got {type(group).__name__}")
+    if not is_tensor_seq(expert_weights):
+        raise TypeError(
+            f"expert_weights: expected a list of layers, got {type(expert_weights).__name__}"
+        )
     old = to_indices(old_indices, "old_indices")
     new = to_indices(new_indices, "new_indices")
     world = dist.get_world_size(group)
