@@ -33,15 +33,19 @@ def scenario(seed: int, world: int, layers: int, n_local: int, empty: int = 1, e
     return old, new, num_experts
 
 
-def make_comm(backend: str, weights, buffer, mode: str = "zero_copy", timeout_s: float = 30.0):
+def make_comm(
+    backend: str, weights, buffer, mode: str = "zero_copy", timeout_s: float = 30.0, verify=False
+):
     if backend == "torch":
         return eplb_xfer.create_communicator("torch", None, weights, buffer)
     return eplb_xfer.create_communicator(
-        "nixl", None, weights, buffer, mode=mode, timeout_s=timeout_s
+        "nixl", None, weights, buffer, mode=mode, timeout_s=timeout_s, verify=verify
     )
 
 
-def rebalance_cases(rank: int, world: int, backend: str, mode: str, seeds: list[int]):
+def rebalance_cases(
+    rank: int, world: int, backend: str, mode: str, seeds: list[int], verify_sums: bool = False
+):
     """Several random rebalances through the driver; returns mismatch lists."""
     report = []
     for seed in seeds:
@@ -51,7 +55,7 @@ def rebalance_cases(rank: int, world: int, backend: str, mode: str, seeds: list[
         if seed % 5 == 0:
             new = old.copy()  # the no-change case
         weights, buffer = build_weights(MIXED, old, rank, world, E, seed)
-        comm = make_comm(backend, weights, buffer, mode)
+        comm = make_comm(backend, weights, buffer, mode, verify=verify_sums)
         try:
             stats = eplb_xfer.rearrange_expert_weights_inplace(
                 old, new, weights, buffer, None, comm
@@ -65,7 +69,9 @@ def rebalance_cases(rank: int, world: int, backend: str, mode: str, seeds: list[
     return report
 
 
-def vllm_style_cases(rank: int, world: int, mode: str, seeds: list[int], pass_old: bool):
+def vllm_style_cases(
+    rank: int, world: int, mode: str, seeds: list[int], pass_old: bool, verify_sums: bool = False
+):
     """Drives a NixlCommunicator the way vLLM's EPLB driver does: per layer
     set_transfer_context, add_send/add_recv per expert, execute(), then the
     caller commits the buffer. Returns mismatch lists and counters."""
@@ -73,7 +79,9 @@ def vllm_style_cases(rank: int, world: int, mode: str, seeds: list[int], pass_ol
     for seed in seeds:
         old, new, E = scenario(seed, world, 2, 3, empty=1)
         weights, buffer = build_weights(MIXED, old, rank, world, E, seed)
-        comm = eplb_xfer.NixlCommunicator(None, weights, buffer, mode=mode, timeout_s=30.0)
+        comm = eplb_xfer.NixlCommunicator(
+            None, weights, buffer, mode=mode, timeout_s=30.0, verify=verify_sums
+        )
         plan = eplb_xfer.plan_rebalance(old, new, world)
         for layer in range(old.shape[0]):
             w = weights[layer]
@@ -250,3 +258,33 @@ def dead_peer(rank: int, world: int, mode: str, victim: int, how: str, layer: in
         "failed_peers": counters["failed_peers"],
         "live_agents_after_close": _core.live_agents(),
     }
+
+
+def corrupt_source(rank: int, world: int, mode: str, culprit: int, layer: int):
+    """With ``verify=True``, ``culprit`` changes a row it serves at ``layer``
+    after hashing it (test-only fault ``corrupt_send``). Every rank must raise
+    TransferError naming the culprit at that layer; no rank commits it."""
+    import os
+
+    seed = 13
+    rng = np.random.default_rng(seed)
+    n_local, L = 3, 3
+    E = world * n_local - world
+    old = random_placement(rng, L, E, world * n_local, 0)
+    new = np.roll(old, n_local, axis=1)
+    weights, buffer = build_weights(MIXED, old, rank, world, E, seed)
+    snap = snapshot(weights)
+    if rank == culprit:
+        os.environ["EPLB_XFER_FAULT"] = f"corrupt_send:{layer}"
+    comm = eplb_xfer.NixlCommunicator(None, weights, buffer, mode=mode, timeout_s=10.0, verify=True)
+    try:
+        eplb_xfer.rearrange_expert_weights_inplace(old, new, weights, buffer, None, comm)
+        outcome = ("no error", None, None, [], "")
+    except eplb_xfer.TransferError as e:
+        outcome = ("TransferError", e.peer, e.layer, e.committed_layers, str(e))
+    finally:
+        comm.close()
+    committed = outcome[3]
+    errs = verify(MIXED, weights, old, new, rank, world, E, seed, layers=committed)
+    untouched = set(unchanged_layers(weights, snap)) >= set(range(L)) - set(committed)
+    return outcome, errs, untouched

@@ -322,34 +322,38 @@ class NixlCommunicator(EplbCommunicator):
         table = np.zeros(len(rows), dtype=_CHECKSUM_ENTRY)
         table["row"] = rows
         table["checksum"] = expert_checksums([sent[r] for r in rows])
-        corrupt = self._corrupt_layer == layer and rows
-        if corrupt:  # test-only fault: change a served row after hashing it
-            victim = sent[rows[0]][0].reshape(-1).view(torch.uint8)
-            victim[0] ^= 0xFF
+        served: torch.Tensor | None = None
+        if self._corrupt_layer == layer and rows:
+            # Test-only fault: change a byte a peer will READ, after hashing it,
+            # until every peer is done (restored on the way out).
+            if self._packed is not None:
+                served = self._packed[rows[0] * self._expert_bytes :][:1]
+            else:
+                served = sent[rows[0]][0].reshape(-1).view(torch.uint8)[:1]
+            served ^= 0xFF
         try:
             payloads = begin(table.tobytes())
-        finally:
-            if corrupt:
-                victim[0] ^= 0xFF
-        expected: dict[tuple[int, int], int] = {}
-        for src in {src for _e, src, _s, _d in received}:
-            raw = payloads[src]
-            entries = np.frombuffer(raw or b"", dtype=_CHECKSUM_ENTRY)
-            expected.update(
-                ((src, int(r)), int(c)) for r, c in zip(entries["row"], entries["checksum"])
-            )
-        synchronize(self.device)
-        got = row_checksums(self._buffer, [dst for _e, _src, _s, dst in received])
-        for (expert, src, src_row, dst), value in zip(received, got):
-            want = expected.get((src, src_row))
-            if want != value:
-                engine.abort(
-                    src,
-                    f"checksum mismatch for expert {expert} read from rank {src} row {src_row} "
-                    f"into buffer row {dst}: got {value:#018x}, source sent "
-                    f"{'nothing' if want is None else f'{want:#018x}'}",
+            expected: dict[tuple[int, int], int] = {}
+            for src in {src for _e, src, _s, _d in received}:
+                entries = np.frombuffer(payloads[src] or b"", dtype=_CHECKSUM_ENTRY)
+                expected.update(
+                    ((src, int(r)), int(c)) for r, c in zip(entries["row"], entries["checksum"])
                 )
-        return dict(engine.end())
+            synchronize(self.device)
+            got = row_checksums(self._buffer, [dst for _e, _src, _s, dst in received])
+            for (expert, src, src_row, dst), value in zip(received, got):
+                want = expected.get((src, src_row))
+                if want != value:
+                    engine.abort(
+                        src,
+                        f"checksum mismatch for expert {expert} read from rank {src} row "
+                        f"{src_row} into buffer row {dst}: got {value:#018x}, source sent "
+                        f"{'nothing' if want is None else f'{want:#018x}'}",
+                    )
+            return dict(engine.end())
+        finally:
+            if served is not None:
+                served ^= 0xFF
 
     @staticmethod
     def _check_bound(got: Sequence[torch.Tensor], bound: Sequence[torch.Tensor], name: str) -> None:

@@ -1,9 +1,11 @@
 //! The per-layer transfer protocol over one NIXL agent.
 //!
-//! One `exchange` per layer, called in lockstep by every rank of the group:
-//! 1. each rank tells every peer READY (staged: after packing its sends);
-//! 2. it posts one READ per source (zero-copy: as soon as called; staged: once
-//!    that source is READY), and polls them to completion;
+//! One exchange per layer, called in lockstep by every rank of the group
+//! ([`Engine::exchange`], or [`Engine::begin`] + [`Engine::end`]):
+//! 1. each rank tells every peer READY (staged: after packing its sends; the
+//!    message may carry a payload, e.g. checksums of the rows it serves);
+//! 2. it posts one READ per source (zero-copy: at once; staged, or when
+//!    payloads are wanted: once that source is READY) and polls them;
 //! 3. with all its reads complete it tells every peer DONE;
 //! 4. it returns once every peer said DONE. Only then may the caller overwrite
 //!    rows (peers have finished reading them) and commit the layer (every rank
@@ -11,8 +13,17 @@
 //!
 //! Messages carry a sequence number that all ranks advance together, so a
 //! fast peer's messages for the next layer are kept for later, and stale ones
-//! from an aborted exchange are dropped. There is no global collective and no
-//! fixed sleep: polling backs off from spinning to at most 200 µs naps.
+//! from an aborted exchange are dropped. A message of a later exchange proves
+//! that its sender had every DONE of the earlier ones. There is no global
+//! collective and no fixed sleep: polling backs off from spinning to at most
+//! 200 µs naps.
+//!
+//! Failure (a deadline, a failed READ, an ABORT from a peer): the rank tells
+//! every peer ABORT naming the culprit and waits a short grace period to learn
+//! whether the layer still completed everywhere (a peer's later message); if
+//! so it commits and fails at the next exchange instead. So all survivors
+//! agree on the committed layers and report the same failing layer. The
+//! closing [`Engine::barrier`] settles the last layer the same way.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::time::{Duration, Instant};
@@ -97,6 +108,9 @@ struct Current {
     inflight: Vec<Option<XferReq>>,
     done: Vec<bool>,
     done_sent: bool,
+    /// Post a READ only once its source said READY (staged: it packed; with
+    /// READY payloads: what the source described is what gets read).
+    gate_on_ready: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -438,6 +452,7 @@ impl Engine {
             inflight: (0..n).map(|_| None).collect(),
             done: vec![false; n],
             done_sent: false,
+            gate_on_ready: self.cfg.mode == Mode::Staged || want_payloads,
         });
         if let Some((peer, reason)) = self.pending_failure.take() {
             let err = NixlError::PeerFailed {
@@ -561,12 +576,11 @@ impl Engine {
                 None => return Err(NixlError::Protocol("no open exchange".into())),
             };
             self.pump_inbox(layer)?;
-            let staged = self.cfg.mode == Mode::Staged;
             let mut cur = match self.cur.take() {
                 Some(c) => c,
                 None => return Err(NixlError::Protocol("no open exchange".into())),
             };
-            let step = self.step_reads(&mut cur, local, staged, &mut progressed);
+            let step = self.step_reads(&mut cur, local, &mut progressed);
             let reads_done = cur.done.iter().all(|&d| d);
             let sources_ready = cur
                 .reads
@@ -634,13 +648,11 @@ impl Engine {
         }
     }
 
-    /// Posts READs that may go (staged: once the source is READY) and polls
-    /// those in flight.
+    /// Posts READs that may go (see `gate_on_ready`) and polls those in flight.
     fn step_reads(
         &mut self,
         cur: &mut Current,
         local: PreparedList,
-        staged: bool,
         progressed: &mut bool,
     ) -> Result<(), NixlError> {
         for i in 0..cur.reads.len() {
@@ -649,7 +661,7 @@ impl Engine {
             }
             let r = &cur.reads[i];
             if cur.inflight[i].is_none()
-                && (!staged || self.inbox.contains(&(cur.seq, r.src_rank, KIND_READY)))
+                && (!cur.gate_on_ready || self.inbox.contains(&(cur.seq, r.src_rank, KIND_READY)))
             {
                 let remote = match &self.peers[r.src_rank as usize] {
                     Some(p) => p.remote,
@@ -785,15 +797,13 @@ impl Engine {
         (0..self.cfg.world).find(|&r| r != self.cfg.rank && !self.inbox.contains(&(seq, r, kind)))
     }
 
+    /// Tells every peer, the culprit too (it may be alive, e.g. a source whose
+    /// rows failed verification); best effort.
     fn announce_abort(&mut self, seq: u64, culprit: u32) {
         let mut msg = encode_msg(seq, KIND_ABORT);
         msg.extend_from_slice(&culprit.to_le_bytes());
-        for (rank, peer) in self.peers.iter().enumerate() {
-            if let Some(p) = peer {
-                if rank as u32 != culprit {
-                    let _ = self.agent.notify(&p.name, &msg); // best effort
-                }
-            }
+        for p in self.peers.iter().flatten() {
+            let _ = self.agent.notify(&p.name, &msg);
         }
     }
 
