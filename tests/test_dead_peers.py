@@ -80,5 +80,6 @@ def test_survivors_agree_and_fail_in_time(world, mode, how, at, failed_layer, co
         assert r["requests_live"] == 0
         assert VICTIM in r["failed_peers"]
         assert r["live_agents_after_close"] == 0
+        assert "failed earlier" in r["reuse"], r["reuse"]
         assert r["elapsed"] < TIMEOUT_S + 10, r  # no hang: deadline plus grace
     assert not any(_alive(p) for p in pids)  # no orphan processes

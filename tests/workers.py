@@ -219,6 +219,7 @@ def dead_peer(rank: int, world: int, mode: str, victim: int, how: str, layer: in
     if rank == victim and how in ("exit_before_ready", "hang_before_done", "exit_mid_done"):
         os.environ["EPLB_XFER_FAULT"] = f"{how}:{layer}"
     comm = eplb_xfer.NixlCommunicator(None, weights, buffer, mode=mode, timeout_s=3.0)
+    torch.distributed.barrier()  # every rank finished set-up
     if rank == victim:
         if how == "exit_after_setup":
             os._exit(17)
@@ -242,6 +243,11 @@ def dead_peer(rank: int, world: int, mode: str, victim: int, how: str, layer: in
     errs = verify(MIXED, weights, old, new, rank, world, E, seed, layers=committed)
     untouched = set(unchanged_layers(weights, snap)) >= set(range(L)) - set(committed)
     counters = comm.counters
+    try:  # a failed communicator refuses further work instead of timing out again
+        eplb_xfer.rearrange_expert_weights_inplace(old, new, weights, buffer, None, comm)
+        reuse = "no error"
+    except RuntimeError as e:
+        reuse = f"{type(e).__name__}: {e}"
     comm.close()
     from eplb_xfer import _core
 
@@ -257,6 +263,7 @@ def dead_peer(rank: int, world: int, mode: str, victim: int, how: str, layer: in
         "requests_live": counters["requests_live"],
         "failed_peers": counters["failed_peers"],
         "live_agents_after_close": _core.live_agents(),
+        "reuse": reuse,
     }
 
 

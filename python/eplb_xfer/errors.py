@@ -8,16 +8,19 @@ from typing import Any
 class TransferError(RuntimeError):
     """A peer failed or timed out while a layer was being transferred.
 
-    Raised on every surviving rank before the deadline. Layers listed in
-    ``committed_layers`` were fully applied on this rank; no other layer was
-    changed (the failed layer's rows are untouched). Commit is decided per rank:
-    a rank that already had every peer's DONE for the failing layer committed
-    it, so ``committed_layers`` may differ by one layer across ranks. After a
-    TransferError, close the communicator and build a new one.
+    With a NixlCommunicator it is raised on every surviving rank within about
+    ``timeout_s`` plus 2 s, with the same ``peer``, ``layer`` and
+    ``committed_layers`` everywhere: survivors settle, before raising, whether
+    the failing layer completed on every rank (then all commit it and fail at
+    the next one). Layers in ``committed_layers`` were fully applied; no other
+    layer was changed. The communicator refuses further work (``RuntimeError``);
+    close it and build a new one on a group without the failed rank.
 
     Attributes:
         peer: rank whose part was missing or failed.
-        layer: index of the layer that could not be committed.
+        layer: index of the layer that could not be committed; ``num_layers``
+            when every layer was committed but a peer failed in the closing
+            handshake; -1 when a NixlCommunicator's set-up failed.
         committed_layers: layers committed on this rank by this call, ascending.
     """
 

@@ -144,6 +144,7 @@ class NixlCommunicator(EplbCommunicator):
         self.mode = mode
         self.timeout_s = float(timeout_s)
         self.verify = verify
+        self._failure: TransferError | None = None
         self._corrupt_layer = _fault_layer("corrupt_send")
         self.n_local = n_local
         self.device = device
@@ -193,7 +194,13 @@ class NixlCommunicator(EplbCommunicator):
         blobs: list[Any] = [None] * self.world_size
         mine = (bytes(self._engine.local_blob()), socket.gethostname())
         dist.all_gather_object(blobs, mine, group=group)
-        self._engine.connect([b for b, _host in blobs])
+        try:
+            self._engine.connect([b for b, _host in blobs])
+        except _core.PeerTransferError as e:  # a peer died or is unreachable during set-up
+            self._engine.close(0.0)
+            self._engine = None
+            msg, peer, _layer = e.args
+            raise TransferError(f"set-up failed: {msg}", peer=int(peer), layer=-1) from e
         hosts = [host for _b, host in blobs]
         #: Node index of every rank (ranks on one host share a node), learned at
         #: set-up; the driver prefers same-node sources with it.
@@ -226,14 +233,26 @@ class NixlCommunicator(EplbCommunicator):
         more), ``notifications_sent`` / ``_received``, ``inbox_entries``
         (buffered peer messages, 0 between rebalances), ``exchanges`` and
         ``failed_peers`` (ranks found dead or stuck)."""
-        return dict(self._live().counters())
+        return dict(self._live("counters").counters())
 
     def _live(self, what: str = "") -> _core.NixlEngine:
+        doing = f": cannot {what}" if what else ""
         if self._engine is None:
+            raise RuntimeError(f"NixlCommunicator is closed{doing}; create a new one")
+        if self._failure is not None and what not in ("", "counters"):
             raise RuntimeError(
-                f"NixlCommunicator is closed{': cannot ' + what if what else ''}; create a new one"
+                f"NixlCommunicator failed earlier{doing} ({self._failure}); close() it and "
+                "create a new one"
             )
         return self._engine
+
+    def _failed_with(self, e: _core.PeerTransferError) -> TransferError:
+        """Records a peer failure (the communicator is unusable from now on:
+        a dead peer's protocol state cannot be recovered) and converts it."""
+        msg, peer, layer = e.args
+        err = TransferError(str(msg), peer=int(peer), layer=int(layer))
+        self._failure = err
+        return err
 
     def end_rebalance(self, num_layers: int) -> None:
         """Closing handshake of a rebalance (one exchange without reads).
@@ -247,8 +266,7 @@ class NixlCommunicator(EplbCommunicator):
         try:
             engine.barrier(num_layers)
         except _core.PeerTransferError as e:
-            msg, peer, layer = e.args
-            raise TransferError(str(msg), peer=int(peer), layer=int(layer)) from e
+            raise self._failed_with(e) from e
 
     # -- eplb-xfer fast path -------------------------------------------------------
     def check_tensors(
@@ -301,8 +319,7 @@ class NixlCommunicator(EplbCommunicator):
                     lambda payload: engine.begin_plan(plan, layer_idx, payload),
                 )
         except _core.PeerTransferError as e:
-            msg, peer, layer = e.args
-            raise TransferError(str(msg), peer=int(peer), layer=int(layer)) from e
+            raise self._failed_with(e) from e
         rows_per_peer = cast(list[tuple[int, int]], stats["rows_per_peer"])
         return {int(p): int(n) for p, n in rows_per_peer}
 
@@ -333,6 +350,11 @@ class NixlCommunicator(EplbCommunicator):
             served ^= 0xFF
         try:
             payloads = begin(table.tobytes())
+        except BaseException:
+            if served is not None:
+                served ^= 0xFF
+            raise
+        try:
             expected: dict[tuple[int, int], int] = {}
             for src in {src for _e, src, _s, _d in received}:
                 entries = np.frombuffer(payloads[src] or b"", dtype=_CHECKSUM_ENTRY)
@@ -351,6 +373,11 @@ class NixlCommunicator(EplbCommunicator):
                         f"{'nothing' if want is None else f'{want:#018x}'}",
                     )
             return dict(engine.end())
+        except _core.PeerTransferError:
+            raise
+        except BaseException as e:  # our own failure: peers must not wait for our DONE
+            engine.abort(self.rank, f"rank {self.rank} failed while verifying: {e!r}")
+            raise  # not reached: abort always raises
         finally:
             if served is not None:
                 served ^= 0xFF
@@ -501,8 +528,7 @@ class NixlCommunicator(EplbCommunicator):
                     layer, sent, received, lambda payload: engine.begin_reads(layer, reads, payload)
                 )
         except _core.PeerTransferError as e:
-            msg, peer, lyr = e.args
-            raise TransferError(str(msg), peer=int(peer), layer=int(lyr)) from e
+            raise self._failed_with(e) from e
 
     def close(self, linger_s: float | None = None) -> None:
         """Says goodbye to peers (so a final DONE still queued in UCX is not

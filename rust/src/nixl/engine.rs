@@ -82,7 +82,8 @@ pub struct Engine {
     /// READY payloads: `(seq, sender)` -> bytes.
     payloads: HashMap<(u64, u32), Vec<u8>>,
     /// Aborts announced by peers: `(seq, announcing rank)` -> failed rank.
-    aborts: HashMap<(u64, u32), u32>,
+    /// ... and whether it was a verdict on the data (not a liveness failure).
+    aborts: HashMap<(u64, u32), (u32, bool)>,
     /// Highest sequence number of any peer message (BYE excluded): a peer in a
     /// later exchange proves the earlier ones completed on every rank.
     max_seq_seen: u64,
@@ -108,6 +109,9 @@ struct Current {
     inflight: Vec<Option<XferReq>>,
     done: Vec<bool>,
     done_sent: bool,
+    /// This exchange failed on a verdict about a peer's data (checksum), not
+    /// because a peer died or stalled.
+    verdict: bool,
     /// Post a READ only once its source said READY (staged: it packed; with
     /// READY payloads: what the source described is what gets read).
     gate_on_ready: bool,
@@ -452,6 +456,7 @@ impl Engine {
             inflight: (0..n).map(|_| None).collect(),
             done: vec![false; n],
             done_sent: false,
+            verdict: false,
             gate_on_ready: self.cfg.mode == Mode::Staged || want_payloads,
         });
         if let Some((peer, reason)) = self.pending_failure.take() {
@@ -495,13 +500,13 @@ impl Engine {
         };
         self.fault_point(layer, Fault::HangBeforeDone);
         self.fault_point(layer, Fault::ExitMidDone);
+        // Marked before sending: a partial broadcast (a dead peer refuses the
+        // message) may still let the others commit on our DONE.
+        if let Some(c) = self.cur.as_mut() {
+            c.done_sent = true;
+        }
         let res = self
             .broadcast_kind(KIND_DONE, &[])
-            .map(|_| {
-                if let Some(c) = self.cur.as_mut() {
-                    c.done_sent = true;
-                }
-            })
             .and_then(|_| self.drive(local, Phase::Done));
         match res {
             Ok(()) => Ok(self.finish_ok()),
@@ -518,6 +523,7 @@ impl Engine {
         }
         if let Some(c) = self.cur.as_mut() {
             c.done_sent = false; // we never said DONE: nobody can commit this layer
+            c.verdict = true;
         }
         let err = NixlError::PeerFailed {
             peer: culprit,
@@ -611,11 +617,21 @@ impl Engine {
                     }
                 }
             }
-            if let Some((from, culprit)) = self.first_abort(seq) {
+            if let Some((from, named, verdict)) = self.first_abort(seq) {
+                // A peer that timed out may blame us while we wait, alive, on
+                // someone else: then pass on our own view of who is missing.
+                let culprit = if named == self.cfg.rank && !verdict {
+                    self.local_blame(seq).unwrap_or(named)
+                } else {
+                    named
+                };
+                if let Some(c) = self.cur.as_mut() {
+                    c.verdict = verdict;
+                }
                 return Err(NixlError::PeerFailed {
                     peer: culprit,
                     layer,
-                    reason: format!("rank {from} aborted the layer because rank {culprit} failed"),
+                    reason: format!("rank {from} aborted the layer because rank {named} failed"),
                 });
             }
             if Instant::now() >= deadline {
@@ -710,8 +726,8 @@ impl Engine {
     /// that all survivors agree on which layers were committed. The wait ends
     /// early once every peer but the culprit(s) has aborted this layer too.
     fn fail(&mut self, err: NixlError) -> Result<(), NixlError> {
-        let (layer, seq, done_sent) = match &self.cur {
-            Some(c) => (c.layer, c.seq, c.done_sent),
+        let (layer, seq, done_sent, verdict) = match &self.cur {
+            Some(c) => (c.layer, c.seq, c.done_sent, c.verdict),
             None => return Err(err),
         };
         // Cancel our READs now: nothing of this layer is used unless proven.
@@ -725,7 +741,7 @@ impl Engine {
             NixlError::Timeout { peer, .. } | NixlError::PeerFailed { peer, .. } => *peer,
             _ => self.cfg.rank,
         };
-        self.announce_abort(seq, culprit);
+        self.announce_abort(seq, culprit, verdict);
         let grace_end = Instant::now() + self.grace();
         let mut idle = 0u32;
         let proven = loop {
@@ -740,7 +756,7 @@ impl Engine {
                 self.aborts
                     .iter()
                     .filter(|(&(s, _), _)| s == seq)
-                    .map(|(_, &c)| c),
+                    .map(|(_, &(c, _))| c),
             );
             let all_aborted = (0..self.cfg.world).all(|p| {
                 p == self.cfg.rank || blamed.contains(&p) || self.aborts.contains_key(&(seq, p))
@@ -755,7 +771,7 @@ impl Engine {
         let mut blame = culprit;
         for _ in 0..self.cfg.world {
             match self.aborts.get(&(seq, blame)) {
-                Some(&next) if next != blame && next != self.cfg.rank => blame = next,
+                Some(&(next, _)) if next != blame && next != self.cfg.rank => blame = next,
                 _ => break,
             }
         }
@@ -789,8 +805,28 @@ impl Engine {
         self.cfg.timeout.min(Duration::from_secs(2))
     }
 
-    fn first_abort(&self, seq: u64) -> Option<(u32, u32)> {
-        (0..self.cfg.world).find_map(|from| self.aborts.get(&(seq, from)).map(|&c| (from, c)))
+    /// `(announcing rank, named culprit, verdict)` of the first ABORT of `seq`.
+    fn first_abort(&self, seq: u64) -> Option<(u32, u32, bool)> {
+        (0..self.cfg.world)
+            .find_map(|from| self.aborts.get(&(seq, from)).map(|&(c, v)| (from, c, v)))
+    }
+
+    /// Whom this rank is waiting on in exchange `seq`, in blame order: a peer
+    /// that never said READY, a source whose READ is unfinished, a peer that
+    /// never said DONE. Peers that sent ABORT are alive and skipped.
+    fn local_blame(&self, seq: u64) -> Option<u32> {
+        let silent = |kind: u8| {
+            (0..self.cfg.world).find(|&r| {
+                r != self.cfg.rank
+                    && !self.aborts.contains_key(&(seq, r))
+                    && !self.inbox.contains(&(seq, r, kind))
+            })
+        };
+        let unread = self
+            .cur
+            .as_ref()
+            .and_then(|c| c.done.iter().position(|&d| !d).map(|i| c.reads[i].src_rank));
+        silent(KIND_READY).or(unread).or_else(|| silent(KIND_DONE))
     }
 
     fn missing_peer(&self, seq: u64, kind: u8) -> Option<u32> {
@@ -799,9 +835,10 @@ impl Engine {
 
     /// Tells every peer, the culprit too (it may be alive, e.g. a source whose
     /// rows failed verification); best effort.
-    fn announce_abort(&mut self, seq: u64, culprit: u32) {
+    fn announce_abort(&mut self, seq: u64, culprit: u32, verdict: bool) {
         let mut msg = encode_msg(seq, KIND_ABORT);
         msg.extend_from_slice(&culprit.to_le_bytes());
+        msg.push(u8::from(verdict));
         for p in self.peers.iter().flatten() {
             let _ = self.agent.notify(&p.name, &msg);
         }
@@ -818,20 +855,22 @@ impl Engine {
         self.send_all(layer, &msg, None)
     }
 
-    /// Sends `msg` to every connected peer (but `skip`); with the
-    /// `exit_mid_done` fault, only to the lowest peer, then exits.
+    /// Sends `msg` to every connected peer (but `skip`). A peer that cannot
+    /// be reached does not stop the others from getting it; the first such
+    /// failure is returned after all sends.
     fn send_all(&self, layer: usize, msg: &[u8], skip: Option<u32>) -> Result<(), NixlError> {
+        let mut first_err = None;
         for (rank, peer) in self.peers.iter().enumerate() {
             if let Some(p) = peer {
                 if Some(rank as u32) == skip {
                     continue;
                 }
-                self.agent
-                    .notify(&p.name, msg)
-                    .map_err(|e| peer_failed(rank as u32, layer, e))?;
+                if let Err(e) = self.agent.notify(&p.name, msg) {
+                    first_err.get_or_insert(peer_failed(rank as u32, layer, e));
+                }
             }
         }
-        Ok(())
+        first_err.map_or(Ok(()), Err)
     }
 
     fn pump_inbox(&mut self, layer: usize) -> Result<(), NixlError> {
@@ -855,7 +894,8 @@ impl Engine {
             match kind {
                 KIND_ABORT => {
                     let culprit = decode_u32(tail).unwrap_or(rank);
-                    self.aborts.entry((seq, rank)).or_insert(culprit);
+                    let verdict = tail.get(4) == Some(&1);
+                    self.aborts.entry((seq, rank)).or_insert((culprit, verdict));
                 }
                 KIND_READY | KIND_DONE | KIND_BYE => {
                     if kind == KIND_READY && !tail.is_empty() {
@@ -986,7 +1026,7 @@ fn decode_msg(m: &[u8]) -> Option<(u64, u8, &[u8])> {
     let s: [u8; 8] = m[4..12].try_into().ok()?;
     let kind = m[12];
     let tail = &m[13..];
-    if kind == KIND_ABORT && tail.len() != 4 {
+    if kind == KIND_ABORT && tail.len() != 5 {
         return None;
     }
     Some((u64::from_le_bytes(s), kind, tail))
@@ -1039,8 +1079,11 @@ mod tests {
         let mut a = encode_msg(7, KIND_ABORT);
         assert_eq!(decode_msg(&a), None); // an ABORT must name the culprit
         a.extend_from_slice(&3u32.to_le_bytes());
+        assert_eq!(decode_msg(&a), None); // ... and say whether it is a verdict
+        a.push(1);
         let (seq, kind, tail) = decode_msg(&a).unwrap();
         assert_eq!((seq, kind, decode_u32(tail)), (7, KIND_ABORT, Some(3)));
+        assert_eq!(tail.get(4), Some(&1));
         let mut r = encode_msg(9, KIND_READY);
         r.extend_from_slice(b"hashes");
         assert_eq!(decode_msg(&r), Some((9, KIND_READY, &b"hashes"[..])));
