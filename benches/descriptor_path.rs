@@ -22,6 +22,7 @@ use std::time::Duration;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use eplb_xfer::descriptors::{DescriptorSpace, Mode};
 use eplb_xfer::plan::plan_rebalance;
+use eplb_xfer::plan_check::SplitMix64;
 
 const NUM_EXPERTS: usize = 256;
 const NUM_SLOTS: usize = 288;
@@ -29,30 +30,6 @@ const NUM_TENSORS: usize = 4;
 const NUM_LAYERS: usize = 58;
 /// Slots re-assigned per layer (a quarter of 288).
 const CHANGED_SLOTS: usize = NUM_SLOTS / 4;
-
-/// splitmix64: tiny, deterministic, good enough for placements.
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-
-    fn shuffle<T>(&mut self, v: &mut [T]) {
-        for i in (1..v.len()).rev() {
-            let j = self.below(i + 1);
-            v.swap(i, j);
-        }
-    }
-}
 
 /// `[P]` placement: every expert once plus `P - E` random replicas, shuffled.
 fn old_layer(rng: &mut SplitMix64) -> Vec<i64> {

@@ -391,11 +391,7 @@ impl PyNixlEngine {
                 e.begin(layer, reads, &ready_payload, true)
             })
         })?;
-        let items: Vec<Option<Bound<'py, PyBytes>>> = payloads
-            .iter()
-            .map(|p| p.as_ref().map(|b| PyBytes::new(py, b)))
-            .collect();
-        PyList::new(py, items)
+        payload_list(py, &payloads)
     }
 
     /// Like `begin_plan`, for explicit `(src_rank, src_row, dst_row)` reads.
@@ -412,11 +408,7 @@ impl PyNixlEngine {
                 e.begin(layer, reads, &ready_payload, true)
             })
         })?;
-        let items: Vec<Option<Bound<'py, PyBytes>>> = payloads
-            .iter()
-            .map(|p| p.as_ref().map(|b| PyBytes::new(py, b)))
-            .collect();
-        PyList::new(py, items)
+        payload_list(py, &payloads)
     }
 
     /// Second half of the open exchange: DONE, then wait for every peer's.
@@ -490,6 +482,18 @@ impl PyNixlEngine {
         }
         Ok(())
     }
+}
+
+/// READY payloads by rank as `list[bytes | None]`.
+fn payload_list<'py>(
+    py: Python<'py>,
+    payloads: &[Option<Vec<u8>>],
+) -> PyResult<Bound<'py, PyList>> {
+    let items: Vec<Option<Bound<'py, PyBytes>>> = payloads
+        .iter()
+        .map(|p| p.as_ref().map(|b| PyBytes::new(py, b)))
+        .collect();
+    PyList::new(py, items)
 }
 
 /// Checks explicit `(src_rank, src_row, dst_row)` reads and turns them into

@@ -5,20 +5,7 @@
 //! target's decoder and checks without nightly or libFuzzer.
 
 use eplb_xfer::plan::{plan_rebalance, PlanError};
-use eplb_xfer::plan_check::{check_rejection, decode, fuzz_one};
-
-/// splitmix64.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-}
+use eplb_xfer::plan_check::{check_rejection, decode, fuzz_one, SplitMix64};
 
 fn must_pass(data: &[u8]) {
     if let Err(m) = fuzz_one(data) {
@@ -29,7 +16,7 @@ fn must_pass(data: &[u8]) {
 #[test]
 fn replay_pseudo_random_inputs() {
     const CASES: u64 = 20_000;
-    let mut rng = Rng(0x5EED_F022);
+    let mut rng = SplitMix64(0x5EED_F022);
     // Plans with at least one layer, and errors.
     let (mut planned, mut rejected) = (0u32, 0u32);
     let mut kinds = std::collections::BTreeMap::new();
@@ -39,13 +26,13 @@ fn replay_pseudo_random_inputs() {
         // 1 byte each, plus header), sometimes short (zero-padded decode),
         // sometimes long enough for the 9-byte raw mode.
         let len = match i % 4 {
-            0 => (rng.next() % 24) as usize,
-            1 | 2 => (rng.next() % 600) as usize,
-            _ => (rng.next() % 2400) as usize,
+            0 => (rng.next_u64() % 24) as usize,
+            1 | 2 => (rng.next_u64() % 600) as usize,
+            _ => (rng.next_u64() % 2400) as usize,
         };
         data.clear();
         while data.len() < len {
-            data.extend_from_slice(&rng.next().to_le_bytes());
+            data.extend_from_slice(&rng.next_u64().to_le_bytes());
         }
         data.truncate(len);
         if i % 2 == 0 && data.len() > 3 {

@@ -3,33 +3,11 @@
 use std::collections::BTreeMap;
 
 use eplb_xfer::plan::{plan_rebalance, PlanError, TransferPlan};
-use eplb_xfer::plan_check::{check_plan, check_rejection, fuzz_one};
+use eplb_xfer::plan_check::{check_plan, check_rejection, fuzz_one, SplitMix64};
 use proptest::prelude::*;
 
-/// splitmix64: small deterministic generator driven by a proptest seed.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-    fn shuffle<T>(&mut self, v: &mut [T]) {
-        for i in (1..v.len()).rev() {
-            let j = self.below(i + 1);
-            v.swap(i, j);
-        }
-    }
-}
-
 /// One layer: every expert 0..e appears at least once; the rest are replicas or -1.
-fn placement(rng: &mut Rng, p: usize, e: usize) -> Vec<i64> {
+fn placement(rng: &mut SplitMix64, p: usize, e: usize) -> Vec<i64> {
     let mut v: Vec<i64> = (0..e as i64).collect();
     while v.len() < p {
         if rng.below(4) == 0 {
@@ -52,7 +30,7 @@ struct Case {
 }
 
 fn make_case(ep: usize, n_local: usize, layers: usize, seed: u64) -> Case {
-    let mut rng = Rng(seed);
+    let mut rng = SplitMix64(seed);
     let p = ep * n_local;
     let e = 1 + rng.below(p);
     let mut old = Vec::with_capacity(layers * p);
@@ -350,7 +328,7 @@ proptest! {
 fn perf_288_slots_ep72() {
     let (ep, n_local, layers, experts) = (72usize, 4usize, 58usize, 256usize);
     let p = ep * n_local;
-    let mut rng = Rng(42);
+    let mut rng = SplitMix64(42);
     let mut old = Vec::new();
     let mut new = Vec::new();
     for _ in 0..layers {

@@ -465,9 +465,7 @@ impl Engine {
                 layer,
                 reason,
             };
-            return Err(self.fail(err).err().unwrap_or_else(|| {
-                NixlError::Protocol("pending failure resolved as success".into())
-            }));
+            return Err(self.fail_before_done(err));
         }
         self.fault_point(layer, Fault::ExitBeforeReady);
         let res = self
@@ -481,9 +479,19 @@ impl Engine {
                     .collect();
                 Ok(payloads)
             }
-            Err(e) => Err(self.fail(e).err().unwrap_or_else(|| {
-                NixlError::Protocol("layer proven complete before its reads finished".into())
-            })),
+            Err(e) => Err(self.fail_before_done(e)),
+        }
+    }
+
+    /// [`Engine::fail`] before this rank said DONE: nobody can have committed
+    /// the layer, so it always ends in an error and closes the exchange.
+    fn fail_before_done(&mut self, err: NixlError) -> NixlError {
+        match self.fail(err) {
+            Err(e) => e,
+            Ok(()) => {
+                self.close_current();
+                NixlError::Protocol("a layer completed before this rank said DONE".into())
+            }
         }
     }
 
@@ -530,9 +538,7 @@ impl Engine {
             layer,
             reason,
         };
-        self.fail(err)
-            .err()
-            .unwrap_or_else(|| NixlError::Protocol("an aborted layer cannot complete".into()))
+        self.fail_before_done(err)
     }
 
     fn finish_ok(&mut self) -> ExchangeStats {
