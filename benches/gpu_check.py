@@ -1,7 +1,8 @@
 """GPU check: two processes on one GPU, DeepSeek-V3 FP8 expert shapes.
 
 4 layers of 16 slots per rank, half of the slots change; every byte verified.
-Reports rebalance GB/s for NIXL zero-copy and staged next to torch's
+Reports rebalance GB/s for NIXL zero-copy, staged and zero-copy with
+verify=True (checksums computed by torch on the GPU) next to torch's
 device-to-device copy of the same bytes. Writes JSON to --out.
 
     UCX_CUDA_IPC_ENABLE_GET_ZCOPY=y python benches/gpu_check.py --out gpu.json
@@ -84,9 +85,10 @@ def rank_main(rank: int, world: int, args: argparse.Namespace) -> dict:
         buffer = [torch.empty((n_local, *s), dtype=d, device=device) for _, d, s in sp]
         if mode == "torch":
             comm = eplb_xfer.create_communicator("torch", None, weights, buffer)
-        else:
+        else:  # "zero_copy", "staged", or either with "+verify" (checksums on the GPU)
+            base, _, extra = mode.partition("+")
             comm = eplb_xfer.create_communicator(
-                "nixl", None, weights, buffer, mode=mode, timeout_s=120.0
+                "nixl", None, weights, buffer, mode=base, timeout_s=120.0, verify=extra == "verify"
             )
         staging = comm.staging_bytes
         torch.distributed.barrier()
@@ -137,7 +139,7 @@ def main() -> int:
     p.add_argument("--slots", type=int, default=16, help="slots per rank")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--modes", default="zero_copy,staged,torch")
+    p.add_argument("--modes", default="zero_copy,staged,torch,zero_copy+verify")
     p.add_argument("--out", default="")
     args = p.parse_args()
     args.modes = args.modes.split(",")
@@ -147,11 +149,11 @@ def main() -> int:
     env = {"UCX_WARN_UNUSED_ENV_VARS": "n"}
     res = spawn_ranks(rank_main, 2, args, timeout_s=540, env=env)
     print(f"device: {res[0]['device']}  expert bytes: {res[0]['expert_bytes']:,}")
-    print(f"{'mode':<10} {'rank':>4} {'GB recv':>8} {'seconds':>8} {'GB/s':>8} {'staging':>12} bad")
+    print(f"{'mode':<16} {'rank':>4} {'GB recv':>8} {'seconds':>8} {'GB/s':>8} {'staging':>12} bad")
     for r in res:
         for mode, m in r["modes"].items():
             print(
-                f"{mode:<10} {r['rank']:>4} {m['bytes_received'] / 1e9:>8.3f} "
+                f"{mode:<16} {r['rank']:>4} {m['bytes_received'] / 1e9:>8.3f} "
                 f"{m['seconds']:>8.3f} {m['gbps']:>8.2f} {m['staging_bytes']:>12,} {m['bad_rows']}"
             )
     for r in res:
