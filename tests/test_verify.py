@@ -62,3 +62,17 @@ def test_checksums_see_flipped_and_swapped_bytes():
     view = torch.empty(4, 2, 8, 16, dtype=torch.uint8)[:, 0]
     view.copy_(w)
     assert row_checksums([view, s], range(4)) == base
+
+
+def test_host_and_torch_checksums_agree():
+    import torch
+
+    from eplb_xfer._tensors import _torch_expert_checksums, expert_checksums
+
+    g = torch.Generator().manual_seed(1)
+    shapes = [(7,), (10,), (3, 4096), (5, 8192 + 6), (2, 3)]
+    rows = [torch.randint(0, 256, s, dtype=torch.uint8, generator=g) for s in shapes]
+    f32 = torch.randn(6, 33, generator=g)
+    experts = [rows, [f32[0], rows[1]], [f32[5]], [torch.zeros(4096, dtype=torch.uint8)]]
+    assert expert_checksums(experts) == _torch_expert_checksums(experts)
+    assert len(set(expert_checksums(experts))) == len(experts)

@@ -138,3 +138,8 @@ class NixlEngine:
 
 def live_agents() -> int:
     """NIXL agents alive in this process (0 once every communicator is closed)."""
+
+def host_expert_checksums(experts: list[list[tuple[int, int]]]) -> list[int]:
+    """``verify=True`` checksums of host experts, each given as its contiguous
+    rows ``(addr, nbytes)``; same values as the torch implementation.
+    Raises ``ValueError`` on a null or overflowing row."""

@@ -252,11 +252,24 @@ def expert_checksums(experts: Sequence[Sequence[torch.Tensor]]) -> list[int]:
     the block sums weighted by block index and the column sums weighted by
     column index (exact int64 arithmetic, so the same on CPU and GPU whatever
     the reduction order) are mixed into one value. It catches flipped,
-    shifted and swapped bytes; it is not cryptographic. Runs with torch on
-    the rows' device, one host sync in all; no copy of the rows is made.
+    shifted and swapped bytes; it is not cryptographic. Host rows are hashed
+    by the Rust core in one call; device rows with torch on their device, one
+    host sync in all. No copy of the rows is made.
     """
     if not experts:
         return []
+    if all(row.device.type == "cpu" and row.is_contiguous() for rows in experts for row in rows):
+        return _core.host_expert_checksums(
+            [
+                [(row.data_ptr(), row.numel() * row.element_size()) for row in rows]
+                for rows in experts
+            ]
+        )
+    return _torch_expert_checksums(experts)
+
+
+def _torch_expert_checksums(experts: Sequence[Sequence[torch.Tensor]]) -> list[int]:
+    """:func:`expert_checksums` with torch kernels (any device)."""
     parts: list[torch.Tensor] = []
     weights: dict[tuple[int, torch.device], torch.Tensor] = {}
     for rows in experts:

@@ -1,6 +1,7 @@
 //! eplb-xfer core: plan, layout and descriptor code in plain Rust, NIXL loaded
 //! at run time, and (feature `python`) the PyO3 bindings in `python.rs`.
 
+pub mod checksum;
 pub mod descriptors;
 pub mod host_copy;
 pub mod layout;

@@ -517,6 +517,31 @@ fn explicit_reads(
     Ok(e.space().select(layer, sorted))
 }
 
+/// `verify=True` checksums of host experts, each given as its rows
+/// `list[(addr, nbytes)]` (see `crate::checksum`).
+#[pyfunction]
+fn host_expert_checksums(py: Python<'_>, experts: Vec<Vec<(u64, u64)>>) -> PyResult<Vec<u64>> {
+    if let Some(&(addr, n)) = experts.iter().flatten().find(|&&(addr, n)| {
+        addr == 0 || usize::try_from(n).is_err() || addr.checked_add(n).is_none()
+    }) {
+        return Err(PyValueError::new_err(format!(
+            "experts: invalid row (address {addr:#x}, {n} bytes)"
+        )));
+    }
+    // SAFETY: the Python caller passes rows of live CPU tensors it holds for
+    // the duration of the call; they are only read.
+    Ok(py.allow_threads(|| {
+        experts
+            .iter()
+            .map(|rows| {
+                crate::checksum::expert_checksum(rows.iter().map(|&(addr, n)| unsafe {
+                    std::slice::from_raw_parts(addr as *const u8, n as usize)
+                }))
+            })
+            .collect()
+    }))
+}
+
 /// NIXL agents alive in this process (0 once every communicator is closed).
 #[pyfunction]
 fn live_agents() -> u64 {
@@ -551,6 +576,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(plan_rebalance_bytes, m)?)?;
     m.add_function(wrap_pyfunction!(host_copy_rows, m)?)?;
     m.add_function(wrap_pyfunction!(live_agents, m)?)?;
+    m.add_function(wrap_pyfunction!(host_expert_checksums, m)?)?;
     m.add("NixlUnavailable", m.py().get_type::<NixlUnavailable>())?;
     m.add("PeerTransferError", m.py().get_type::<PeerTransferError>())?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
