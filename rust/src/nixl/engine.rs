@@ -578,56 +578,47 @@ impl Engine {
 
     /// Polls until `phase` is reached, a peer fails, or the deadline passes.
     fn drive(&mut self, local: PreparedList, phase: Phase) -> Result<(), NixlError> {
+        let (layer, seq, deadline) = match &self.cur {
+            Some(c) => (c.layer, c.seq, c.deadline),
+            None => return Err(NixlError::Protocol("no open exchange".into())),
+        };
         let mut idle_polls: u32 = 0;
         loop {
             let mut progressed = false;
             // Pumping also progresses UCX, so our own DONE is flushed at least
             // once before we leave (we run without NIXL's progress thread).
-            let (layer, seq) = match &self.cur {
-                Some(c) => (c.layer, c.seq),
-                None => return Err(NixlError::Protocol("no open exchange".into())),
-            };
             self.pump_inbox(layer)?;
             let mut cur = match self.cur.take() {
                 Some(c) => c,
                 None => return Err(NixlError::Protocol("no open exchange".into())),
             };
             let step = self.step_reads(&mut cur, local, &mut progressed);
-            let reads_done = cur.done.iter().all(|&d| d);
-            let sources_ready = cur
-                .reads
-                .iter()
-                .all(|r| self.inbox.contains(&(seq, r.src_rank, KIND_READY)));
-            let done_sent = cur.done_sent;
-            let deadline = cur.deadline;
-            let first_unread = cur
-                .done
-                .iter()
-                .position(|&d| !d)
-                .map(|i| cur.reads[i].src_rank);
+            let reached = match phase {
+                Phase::Reads { want_payloads } => {
+                    cur.done.iter().all(|&d| d)
+                        && (!want_payloads
+                            || cur
+                                .reads
+                                .iter()
+                                .all(|r| self.inbox.contains(&(seq, r.src_rank, KIND_READY))))
+                }
+                // A peer's message of a later exchange proves that peer got
+                // every DONE of this one, so every rank finished it.
+                Phase::Done => {
+                    cur.done_sent
+                        && (self.missing_peer(seq, KIND_DONE).is_none() || self.max_seq_seen > seq)
+                }
+            };
             self.cur = Some(cur);
             step?;
-            match phase {
-                Phase::Reads { want_payloads } => {
-                    if reads_done && (!want_payloads || sources_ready) {
-                        return Ok(());
-                    }
-                }
-                Phase::Done => {
-                    // A peer's message of a later exchange proves that peer got
-                    // every DONE of this one, so every rank finished it.
-                    if done_sent
-                        && (self.missing_peer(seq, KIND_DONE).is_none() || self.max_seq_seen > seq)
-                    {
-                        return Ok(());
-                    }
-                }
+            if reached {
+                return Ok(());
             }
             if let Some((from, named, verdict)) = self.first_abort(seq) {
                 // A peer that timed out may blame us while we wait, alive, on
                 // someone else: then pass on our own view of who is missing.
                 let culprit = if named == self.cfg.rank && !verdict {
-                    self.local_blame(seq).unwrap_or(named)
+                    self.local_blame(seq).map_or(named, |(p, _)| p)
                 } else {
                     named
                 };
@@ -641,19 +632,7 @@ impl Engine {
                 });
             }
             if Instant::now() >= deadline {
-                // Blame, in order: a peer that never entered the layer (dead or
-                // stuck earlier), a source whose READ did not finish, then a
-                // peer that did not say DONE.
-                let (peer, waiting_for) = if let Some(p) = self.missing_peer(seq, KIND_READY) {
-                    (p, "READY")
-                } else if let Some(p) = first_unread {
-                    (p, "READ")
-                } else {
-                    (
-                        self.missing_peer(seq, KIND_DONE).unwrap_or(self.cfg.rank),
-                        "DONE",
-                    )
-                };
+                let (peer, waiting_for) = self.local_blame(seq).unwrap_or((self.cfg.rank, "DONE"));
                 return Err(NixlError::Timeout {
                     peer,
                     layer,
@@ -817,10 +796,11 @@ impl Engine {
             .find_map(|from| self.aborts.get(&(seq, from)).map(|&(c, v)| (from, c, v)))
     }
 
-    /// Whom this rank is waiting on in exchange `seq`, in blame order: a peer
-    /// that never said READY, a source whose READ is unfinished, a peer that
-    /// never said DONE. Peers that sent ABORT are alive and skipped.
-    fn local_blame(&self, seq: u64) -> Option<u32> {
+    /// Whom this rank is waiting on in exchange `seq`, and for what, in blame
+    /// order: a peer that never said READY (dead or stuck before the layer), a
+    /// source whose READ is unfinished, a peer that never said DONE. Peers
+    /// that sent ABORT are alive and skipped.
+    fn local_blame(&self, seq: u64) -> Option<(u32, &'static str)> {
         let silent = |kind: u8| {
             (0..self.cfg.world).find(|&r| {
                 r != self.cfg.rank
@@ -832,7 +812,10 @@ impl Engine {
             .cur
             .as_ref()
             .and_then(|c| c.done.iter().position(|&d| !d).map(|i| c.reads[i].src_rank));
-        silent(KIND_READY).or(unread).or_else(|| silent(KIND_DONE))
+        silent(KIND_READY)
+            .map(|p| (p, "READY"))
+            .or(unread.map(|p| (p, "READ")))
+            .or_else(|| silent(KIND_DONE).map(|p| (p, "DONE")))
     }
 
     fn missing_peer(&self, seq: u64, kind: u8) -> Option<u32> {
