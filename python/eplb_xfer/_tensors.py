@@ -86,7 +86,7 @@ def to_indices(x: object, name: str, ndims: tuple[int, ...] = (2,)) -> np.ndarra
     return np.ascontiguousarray(arr, dtype=np.int64)
 
 
-def is_tensor_seq(x: object) -> bool:
+def _is_seq(x: object) -> bool:
     """A list-like of tensors (list, tuple, ParameterList...), not a tensor."""
     return (
         hasattr(x, "__len__")
@@ -105,13 +105,13 @@ def validate_weights(
     Every layer has the same tensors (count, dtype, row shape) as
     ``expert_buffer``; all tensors share one device and ``n_local`` rows.
     """
-    if not is_tensor_seq(expert_buffer):
+    if not _is_seq(expert_buffer):
         raise TypeError(
             f"expert_buffer: expected a list of tensors, got {type(expert_buffer).__name__}"
         )
     if len(expert_buffer) == 0:
         raise ValueError("expert_buffer: expected a non-empty list of tensors")
-    if not is_tensor_seq(expert_weights):
+    if not _is_seq(expert_weights):
         raise TypeError(
             f"expert_weights: expected a list of layers, got {type(expert_weights).__name__}"
         )
@@ -130,7 +130,7 @@ def validate_weights(
         if b.shape[0] != n_local:
             raise ValueError(f"expert_buffer[{t_idx}]: has {b.shape[0]} rows, expected {n_local}")
     for l_idx, layer in enumerate(expert_weights):
-        if not is_tensor_seq(layer):
+        if not _is_seq(layer):
             raise TypeError(
                 f"expert_weights[{l_idx}]: expected a list of tensors, got {type(layer).__name__}"
             )

@@ -308,14 +308,10 @@ class NixlCommunicator(EplbCommunicator):
                 stats = engine.exchange_plan(plan, layer_idx)
             else:
                 sent = {src_row: [w[src_row] for w in weights] for _e, src_row, _r in sends}
-                received = [
-                    (e, src, src_row, dst)
-                    for e, src, src_row, dst in plan.recvs(layer_idx, self.rank)
-                ]
                 stats = self._verified_exchange(
                     layer_idx,
                     sent,
-                    received,
+                    plan.recvs(layer_idx, self.rank),
                     lambda payload: engine.begin_plan(plan, layer_idx, payload),
                 )
         except _core.PeerTransferError as e:
@@ -350,34 +346,30 @@ class NixlCommunicator(EplbCommunicator):
             served ^= 0xFF
         try:
             payloads = begin(table.tobytes())
-        except BaseException:
-            if served is not None:
-                served ^= 0xFF
-            raise
-        try:
-            expected: dict[tuple[int, int], int] = {}
-            for src in {src for _e, src, _s, _d in received}:
-                entries = np.frombuffer(payloads[src] or b"", dtype=_CHECKSUM_ENTRY)
-                expected.update(
-                    ((src, int(r)), int(c)) for r, c in zip(entries["row"], entries["checksum"])
-                )
-            synchronize(self.device)
-            got = row_checksums(self._buffer, [dst for _e, _src, _s, dst in received])
-            for (expert, src, src_row, dst), value in zip(received, got):
-                want = expected.get((src, src_row))
-                if want != value:
-                    engine.abort(
-                        src,
-                        f"checksum mismatch for expert {expert} read from rank {src} row "
-                        f"{src_row} into buffer row {dst}: got {value:#018x}, source sent "
-                        f"{'nothing' if want is None else f'{want:#018x}'}",
+            try:
+                expected: dict[tuple[int, int], int] = {}
+                for src in {src for _e, src, _s, _d in received}:
+                    entries = np.frombuffer(payloads[src] or b"", dtype=_CHECKSUM_ENTRY)
+                    expected.update(
+                        ((src, int(r)), int(c)) for r, c in zip(entries["row"], entries["checksum"])
                     )
-            return dict(engine.end())
-        except _core.PeerTransferError:
-            raise
-        except BaseException as e:  # our own failure: peers must not wait for our DONE
-            engine.abort(self.rank, f"rank {self.rank} failed while verifying: {e!r}")
-            raise  # not reached: abort always raises
+                synchronize(self.device)
+                got = row_checksums(self._buffer, [dst for _e, _src, _s, dst in received])
+                for (expert, src, src_row, dst), value in zip(received, got):
+                    want = expected.get((src, src_row))
+                    if want != value:
+                        engine.abort(
+                            src,
+                            f"checksum mismatch for expert {expert} read from rank {src} row "
+                            f"{src_row} into buffer row {dst}: got {value:#018x}, source sent "
+                            f"{'nothing' if want is None else f'{want:#018x}'}",
+                        )
+                return dict(engine.end())
+            except _core.PeerTransferError:
+                raise
+            except BaseException as e:  # our own failure: peers must not wait for our DONE
+                engine.abort(self.rank, f"rank {self.rank} failed while verifying: {e!r}")
+                raise  # not reached: abort always raises
         finally:
             if served is not None:
                 served ^= 0xFF
@@ -475,6 +467,7 @@ class NixlCommunicator(EplbCommunicator):
             return int(hits[0])
 
         reads: list[tuple[int, int, int]] = []
+        received: list[tuple[int, int, int, int]] = []  # (expert, src, src_row, dst_row)
         local: list[tuple[int, int]] = []  # (src row on this rank, dst buffer row)
         for src, expert, dst_row in recvs:
             src_row = first_row(src, expert, "add_recv")
@@ -482,16 +475,17 @@ class NixlCommunicator(EplbCommunicator):
                 local.append((src_row, dst_row))
             else:
                 reads.append((src, src_row, dst_row))
-        packs: dict[int, list[torch.Tensor]] = {}
-        if self._packed is not None:
-            for _dst, expert, ts in sends:
-                packs.setdefault(first_row(self.rank, expert, "add_send"), ts)
-        else:
+                received.append((expert, src, src_row, dst_row))
+        # Rows this rank serves, by the row peers read (the first holding the
+        # expert): staged mode packs them there.
+        served: dict[int, list[torch.Tensor]] = {}
+        for _dst, expert, ts in sends:
+            served.setdefault(first_row(self.rank, expert, "add_send"), ts)
+        if self._packed is None:
             # Zero-copy serves rows straight from the registered weights, so what
             # add_send names must be one of this rank's rows holding the expert.
             mine = per_rank[self.rank]
             for _dst, expert, ts in sends:
-                first_row(self.rank, expert, "add_send")
                 row = _common_row(ts, self._weight_rows[layer], self.n_local)
                 if row is None or int(mine[row]) != expert:
                     raise ValueError(
@@ -507,25 +501,19 @@ class NixlCommunicator(EplbCommunicator):
             for s, d in local:
                 for b, w in zip(self._buffer, src_layer):
                     b[d].copy_(w[s])
-        for slot, ts in packs.items():
-            self._pack(slot, ts)
-        if packs:
+        if self._packed is not None and served:
+            for slot, ts in served.items():
+                self._pack(slot, ts)
             synchronize(self.device)
         try:
             if not self.verify:
                 engine.exchange_reads(layer, reads)
             else:
-                sent = dict(packs) if packs else {}
-                if self._packed is None:
-                    for _dst, expert, ts in sends:
-                        sent.setdefault(first_row(self.rank, expert, "add_send"), ts)
-                received = [
-                    (expert, src, first_row(src, expert, "add_recv"), dst)
-                    for src, expert, dst in recvs
-                    if src != self.rank
-                ]
                 self._verified_exchange(
-                    layer, sent, received, lambda payload: engine.begin_reads(layer, reads, payload)
+                    layer,
+                    served,
+                    received,
+                    lambda payload: engine.begin_reads(layer, reads, payload),
                 )
         except _core.PeerTransferError as e:
             raise self._failed_with(e) from e

@@ -15,7 +15,6 @@ from ._tensors import (
     copy_rows,
     copy_runs,
     expert_bytes,
-    is_tensor_seq,
     synchronize,
     to_indices,
     validate_weights,
@@ -110,10 +109,6 @@ def rearrange_expert_weights_inplace(
         )
     if group is not None and not isinstance(group, dist.ProcessGroup):
         raise TypeError(f"group: expected a ProcessGroup or None, got {type(group).__name__}")
-    if not is_tensor_seq(expert_weights):
-        raise TypeError(
-            f"expert_weights: expected a list of layers, got {type(expert_weights).__name__}"
-        )
     old = to_indices(old_indices, "old_indices")
     new = to_indices(new_indices, "new_indices")
     world = dist.get_world_size(group)
@@ -122,11 +117,11 @@ def rearrange_expert_weights_inplace(
     if num_slots % world != 0:
         raise ValueError(f"old_indices: {num_slots} slots do not split over {world} ranks")
     n_local = num_slots // world
+    _, device = validate_weights(expert_weights, expert_buffer, n_local)  # types first
     if len(expert_weights) != num_layers:
         raise ValueError(
             f"expert_weights: has {len(expert_weights)} layers, old_indices has {num_layers}"
         )
-    _, device = validate_weights(expert_weights, expert_buffer, n_local)
     owned = communicator is None
     comm = communicator
     if comm is None:
