@@ -22,7 +22,10 @@ use std::time::Duration;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use eplb_xfer::descriptors::{DescriptorSpace, Mode};
 use eplb_xfer::plan::plan_rebalance;
-use eplb_xfer::plan_check::SplitMix64;
+#[path = "../rust/tests/support/plan_check.rs"]
+#[allow(dead_code)]
+mod plan_check;
+use plan_check::SplitMix64;
 
 const NUM_EXPERTS: usize = 256;
 const NUM_SLOTS: usize = 288;

@@ -7,6 +7,6 @@ pub mod host_copy;
 pub mod layout;
 pub mod nixl;
 pub mod plan;
-pub mod plan_check;
+pub mod protocol;
 #[cfg(feature = "python")]
 mod python;

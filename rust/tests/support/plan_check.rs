@@ -10,7 +10,7 @@
 
 use std::collections::BTreeSet;
 
-use crate::plan::{plan_rebalance, PlanError, RankLayerPlan, TransferPlan};
+use eplb_xfer::plan::{plan_rebalance, PlanError, RankLayerPlan, TransferPlan};
 
 macro_rules! ensure {
     ($cond:expr, $($fmt:tt)+) => {
