@@ -69,7 +69,7 @@ class Config:
 
 
 def _specs(row_bytes: int) -> list[Any]:
-    from eplb_xfer.testing import TensorSpec
+    from eplb_xfer._scenario import TensorSpec
 
     u8, f32 = torch.uint8, torch.float32
     return [
@@ -219,7 +219,7 @@ def _rank_main(
     import torch.distributed as dist
 
     import eplb_xfer
-    from eplb_xfer.testing import build_weights, verify
+    from eplb_xfer._scenario import build_weights, verify
 
     specs = _specs(cfg.row_bytes)
     weights, buffer = build_weights(specs, old, rank, world, cfg.experts, cfg.seed)

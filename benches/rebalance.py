@@ -189,7 +189,7 @@ def _rank_main(
 
     import eplb_xfer
     from eplb_xfer.models import scaled
-    from eplb_xfer.testing import build_weights, verify
+    from eplb_xfer._scenario import build_weights, verify
 
     backend, options = BACKENDS[key]
     specs = scaled("deepseek-v3", cfg.scale).specs()

@@ -1,14 +1,15 @@
 """eplb-xfer: move MoE expert weights between EP ranks during EPLB rebalancing.
 
-Zero staging memory (NIXL zero-copy READ), microsecond planning in Rust, and
-per-layer deadlines instead of hangs. See README.md for the tour.
+Zero staging memory (NIXL zero-copy), a plan computed once in Rust, and per
+layer a deadline and a failure agreement instead of hangs. See README.md.
 """
 
 from __future__ import annotations
 
 from ._core import NixlUnavailable, __version__
-from .communicator import EplbCommunicator, create_communicator
-from .errors import TransferError
+from .communicator import EplbCommunicator
+from .errors import TransferError, TransferInterrupted
+from .factory import create_communicator
 from .nixl import NixlCommunicator
 from .planning import TransferPlan, plan_rebalance
 from .rebalance import RebalanceStats, rearrange_expert_weights_inplace
@@ -21,6 +22,7 @@ __all__ = [
     "RebalanceStats",
     "TorchCommunicator",
     "TransferError",
+    "TransferInterrupted",
     "TransferPlan",
     "__version__",
     "create_communicator",

@@ -1,17 +1,18 @@
-"""Typed contract of the Rust extension ``eplb_xfer._core``."""
+"""Typed contract of the Rust extension ``eplb_xfer._core``.
+
+No function here takes a memory address: tensors are passed as objects and
+their geometry is read from them (through ``torch.Tensor``'s own methods).
+"""
 
 from os import PathLike
+from typing import Any
+
+import torch
 
 __version__: str
 
 class NixlUnavailable(RuntimeError):
     """NIXL's C API library could not be found or loaded."""
-
-class PeerTransferError(RuntimeError):
-    """A peer failed or timed out during a layer exchange.
-
-    ``args`` is ``(message: str, peer: int, layer: int)``.
-    """
 
 class TransferPlan:
     """Per-rank, per-layer transfer plan, computed once in Rust.
@@ -28,6 +29,10 @@ class TransferPlan:
     def ep_size(self) -> int: ...
     @property
     def n_local(self) -> int: ...
+    @property
+    def fingerprint(self) -> int:
+        """Hash of the inputs (placements, ep size, nodes); equal on ranks
+        that planned the same rebalance."""
     def unchanged(self, layer: int, rank: int) -> list[int]:
         """Rows whose expert stays (or whose new slot is empty, -1)."""
     def local_copies(self, layer: int, rank: int) -> list[tuple[int, int, int]]:
@@ -43,6 +48,9 @@ class TransferPlan:
         """Changed rows merged into ``(start, length)`` runs."""
     def layer_moves(self, layer: int) -> bool:
         """True if any rank changes any row of ``layer``."""
+    def cross_node_rows(self, node_of_rank: list[int]) -> int:
+        """Expert rows received from another node, over all layers and ranks.
+        Raises ``ValueError`` if ``node_of_rank`` has the wrong length."""
     def summary(self) -> dict[str, int]:
         """Totals: ``num_layers, num_slots, ep_size, recvs, local_copies, dup_fills``."""
 
@@ -59,24 +67,26 @@ def plan_rebalance_bytes(
     Raises ``ValueError`` naming the argument and value on invalid placements.
     """
 
-def host_copy_rows(
-    dst: list[tuple[int, int, int]],
-    src: list[tuple[int, int, int]],
-    n_rows: int,
-    pairs: list[tuple[int, int]],
-) -> None:
-    """Copies row ``s`` to row ``d`` of every host tensor, for each ``(s, d)``.
+class MappedLayer:
+    """One layer's receives and sends (vLLM's call style) mapped to rows by
+    ``NixlEngine.map_experts``."""
 
-    Layouts are ``(base, row_stride, row_bytes)`` of live CPU tensors with at
-    least ``n_rows`` rows. Raises ``ValueError`` (nothing copied) on a row out of
-    range or mismatched row sizes.
-    """
+    @property
+    def served_rows(self) -> list[int]:
+        """Rows this rank serves, each once (staged mode packs them)."""
+    @property
+    def recvs(self) -> list[tuple[int, int, int]]:
+        """``(src_rank, src_row, dst_row)``, sorted."""
 
 class NixlEngine:
-    """One rank's NIXL endpoint (agent, registrations, prepared lists, protocol).
+    """One rank's NIXL transport: agent, registrations, prepared lists, and a
+    worker thread that runs the per-layer protocol and the failure
+    agreement (it answers peers even between calls).
 
-    Raises ``NixlUnavailable`` if the library cannot be loaded, ``ValueError``
-    on an invalid layout, ``RuntimeError`` on NIXL failures.
+    Raises ``NixlUnavailable`` if the library cannot be loaded, ``TypeError``
+    / ``ValueError`` naming the argument on unusable tensors or options
+    (non-contiguous rows, two rows sharing memory, mixed devices, tensors
+    requiring grad), ``RuntimeError`` on NIXL failures.
     """
 
     def __init__(
@@ -86,60 +96,119 @@ class NixlEngine:
         rank: int,
         world: int,
         mode: str,
-        device: str,
-        device_id: int,
         timeout_s: float,
-        n_local: int,
-        weights: list[list[tuple[int, int, int]]],
-        buffer: list[tuple[int, int, int]],
-        packed: tuple[int, int] | None,
-        regions: list[tuple[int, int]],
+        weights: list[list[torch.Tensor]],
+        buffer: list[torch.Tensor],
+        packed: torch.Tensor | None = None,
+        direction: str = "auto",
+        schedule: str = "rounds",
     ) -> None: ...
     def local_blob(self) -> bytes:
-        """Agent name, NIXL metadata and layout, for every peer."""
-    def connect(self, blobs: list[bytes]) -> None:
-        """Loads all ranks' blobs (index = rank); prepares lists once."""
-    def exchange_plan(self, plan: TransferPlan, layer: int) -> dict[str, object]:
-        """This rank's part of ``layer``; returns ``rows_per_peer``,
-        ``bytes_read``, ``seconds``. Raises ``PeerTransferError``."""
-    def exchange_reads(self, layer: int, reads: list[tuple[int, int, int]]) -> dict[str, object]:
-        """One exchange for explicit ``(src_rank, src_row, dst_row)`` reads."""
-    def begin_plan(
-        self, plan: TransferPlan, layer: int, ready_payload: bytes
-    ) -> list[bytes | None]:
-        """First half of an exchange: READY (carrying ``ready_payload``) and this
-        rank's reads of ``layer``; returns every rank's READY payload (``None``
-        for ranks this rank does not read from) once all reads completed.
-        Follow with :meth:`end` or :meth:`abort`. Raises ``PeerTransferError``."""
-    def begin_reads(
-        self, layer: int, reads: list[tuple[int, int, int]], ready_payload: bytes
-    ) -> list[bytes | None]:
-        """:meth:`begin_plan` for explicit ``(src_rank, src_row, dst_row)`` reads."""
-    def end(self) -> dict[str, object]:
-        """Second half: DONE, then wait for every peer's; on success the layer
-        may be committed. Raises ``PeerTransferError``."""
-    def abort(self, culprit: int, reason: str) -> None:
-        """Abandons the open exchange blaming ``culprit`` (peers are told at
-        once); always raises ``PeerTransferError``."""
-    def barrier(self, label: int) -> None:
-        """End-of-rebalance handshake (an exchange without reads); ``label`` is
-        the layer reported on failure. Raises ``PeerTransferError``."""
-    def counters(self) -> dict[str, object]:
-        """``exchanges``, ``prepared_lists_built`` / ``_live``,
-        ``requests_created`` / ``_live``, ``notifications_sent`` /
-        ``_received``, ``inbox_entries``, ``failed_peers``."""
+        """Agent name, NIXL metadata, layout and node facts, for every peer."""
+    def connect(
+        self, blobs: list[bytes], node_of_rank: list[int] | None = None
+    ) -> list[tuple[int, str]]:
+        """Loads all ranks' blobs (index = rank), agrees on the topology,
+        prepares descriptor lists once and moves 8 test bytes with every
+        peer; returns ``(peer, why)`` for each failed test (naming the UCX
+        settings in effect)."""
+    def start(self) -> None:
+        """Starts the worker thread (after every rank's tests passed)."""
     @property
-    def prepared_lists_built(self) -> int: ...
+    def node_of_rank(self) -> list[int]: ...
     @property
-    def exchanges(self) -> int: ...
-    def close(self, linger_s: float = 5.0) -> None:
-        """Says goodbye to peers (waits at most ``linger_s`` for theirs), then
-        releases agent and registrations (idempotent)."""
+    def directions(self) -> list[str]:
+        """Per rank: ``"read"``, ``"write"`` or ``"self"``."""
+    @property
+    def rounds(self) -> list[int]:
+        """Per rank: schedule round of transfers with it (0: no waiting)."""
+    @property
+    def n_local(self) -> int: ...
+    @property
+    def num_layers(self) -> int: ...
+    def check_bound(self, weights: list[list[torch.Tensor]], buffer: list[torch.Tensor]) -> None:
+        """``ValueError`` unless these are the registered tensors, unchanged."""
+    def row_of(self, tensors: list[torch.Tensor], what: str, layer: int = 0) -> int | None:
+        """Row ``r`` if ``tensors[i]`` is row ``r`` of the registered ``what``
+        (``"weights"`` of ``layer``, or ``"buffer"``) tensors, else ``None``."""
+    def map_experts(
+        self,
+        layer_idx: int,
+        old_row: bytes,
+        recvs: list[tuple[int, int, int]],
+        sends: list[tuple[int, int]],
+    ) -> MappedLayer:
+        """Maps ``(expert, src_rank, dst_row)`` receives and ``(expert,
+        dst_rank)`` sends to rows with ``old_row`` (int64 ``[P]``): a source
+        serves the first of its rows holding the expert. ``ValueError``
+        naming the argument if an expert is not held or a rank is not a peer."""
+    def exchange_plan(
+        self,
+        plan: TransferPlan,
+        layer: int,
+        host: bool,
+        verify: str = "off",
+        payloads: list[tuple[int, bytes]] | None = None,
+    ) -> dict[str, Any]:
+        """This rank's part of ``layer`` of ``plan`` (see the module docs of
+        ``eplb_xfer.nixl``). Returns a result dict: ``state`` (``"landed"``,
+        ``"committed"`` or ``"failed"``), ``interrupted``, and per state
+        ``payloads`` / ``label``, ``rows_per_peer``, ``bytes_received``,
+        ``seconds``, ``pending`` (a failure dict or None) / ``failure``
+        (``culprit``, ``blame``, ``detail``)."""
+    def exchange_mapped(
+        self,
+        mapped: MappedLayer,
+        verify: str = "off",
+        payloads: list[tuple[int, bytes]] | None = None,
+    ) -> dict[str, Any]:
+        """Like ``exchange_plan`` for a ``MappedLayer``."""
+    def barrier(self, label: int, fingerprint: int | None = None) -> dict[str, Any]:
+        """An exchange without data (opening / closing handshake)."""
+    def done(self) -> dict[str, Any]:
+        """After a ``"landed"`` result: the data verified; waits for the outcome."""
+    def abort_verdict(self, culprit: int) -> dict[str, Any]:
+        """After a ``"landed"`` result: ``culprit``'s data failed verification;
+        peers are told; waits for the agreed outcome."""
+    def abort_local(self, why: str) -> None:
+        """This rank failed after validation (``"error"`` or
+        ``"interrupted"``): peers are told at once; never waits."""
+    def counters(self) -> dict[str, Any]:
+        """``exchanges``, ``prepared_lists_live``, ``requests_created`` /
+        ``_live``, ``notifications_sent`` / ``_received``, ``buffered``,
+        ``ignored_messages``, ``failed_peers``. Never waits."""
+    def close(self, linger_s: float = 0.5) -> None:
+        """Says goodbye, waits at most ``linger_s`` for live peers to confirm,
+        releases everything (idempotent)."""
+
+def check_layout(weights: list[list[torch.Tensor]], buffer: list[torch.Tensor]) -> None:
+    """``ValueError`` naming the tensor unless every row is contiguous, the
+    layers match the buffer row for row, all share one device, and no two
+    rows (any layer, tensor, or the buffer) share memory."""
+
+def copy_rows(
+    dst: list[torch.Tensor], src: list[torch.Tensor], pairs: list[tuple[int, int]]
+) -> None:
+    """Row ``s`` of every ``src`` tensor -> row ``d`` of the matching ``dst``
+    tensor, for each ``(s, d)`` (CPU tensors). ``ValueError`` (nothing
+    copied) on a row out of range or mismatched row sizes."""
+
+def expert_checksums(experts: list[list[torch.Tensor]]) -> list[int]:
+    """The ``verify`` checksum of each expert given as its rows (contiguous
+    CPU tensors)."""
+
+def checksums_from_parts(parts: list[list[tuple[int, int, int]]]) -> list[int]:
+    """Expert checksums from per-row parts computed elsewhere (torch on a
+    device): ``[sum, block-weighted sum, column-weighted sum]`` per row."""
+
+def checksum_block_width(n: int) -> int:
+    """Block width of the checksum for a row of ``n`` bytes."""
 
 def live_agents() -> int:
     """NIXL agents alive in this process (0 once every communicator is closed)."""
 
-def host_expert_checksums(experts: list[list[tuple[int, int]]]) -> list[int]:
-    """``verify=True`` checksums of host experts, each given as its contiguous
-    rows ``(addr, nbytes)``; same values as the torch implementation.
-    Raises ``ValueError`` on a null or overflowing row."""
+def local_node_key() -> str:
+    """This process's node key (kernel boot id and PID namespace)."""
+
+def node_ids(keys: list[str]) -> list[int]:
+    """Dense node ids, in order of first appearance, of per-rank node keys."""

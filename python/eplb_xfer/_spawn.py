@@ -29,6 +29,7 @@ def _child(
     args: tuple[Any, ...],
     out: Any,
     env: dict[str, str],
+    destroy_group: bool,
 ) -> None:
     os.environ.update(env)
     import torch
@@ -42,7 +43,7 @@ def _child(
         try:
             result = fn(rank, world, *args)
         finally:
-            if os.environ.get("EPLB_XFER_NO_DESTROY") != "1":
+            if destroy_group:
                 dist.destroy_process_group()
         out.put((rank, True, result))
     except BaseException as e:  # report everything, including SystemExit
@@ -58,6 +59,7 @@ def spawn_ranks(
     allow_failures: bool = False,
     wait_for: Collection[int] | None = None,
     pids: list[int] | None = None,
+    destroy_group: bool = True,
 ) -> list[Any]:
     """Runs ``fn(rank, world, *args)`` in ``world`` spawned processes.
 
@@ -68,6 +70,8 @@ def spawn_ranks(
     ``wait_for`` (ranks): return once those ranks reported; the others (say,
     a rank made to hang) are killed and reported as failed. ``pids``, if
     given, receives the children's process ids (to check none outlives this).
+    ``destroy_group=False`` skips destroying the process group at the end
+    (a rank whose peers died would wait in it).
     """
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
@@ -76,7 +80,7 @@ def spawn_ranks(
         procs = [
             ctx.Process(
                 target=_child,
-                args=(fn, r, world, init_file, args, out, dict(env or {})),
+                args=(fn, r, world, init_file, args, out, dict(env or {}), destroy_group),
                 daemon=True,
             )
             for r in range(world)

@@ -91,7 +91,7 @@ class DemoConfig:
 
 def make_placements(cfg: DemoConfig) -> list[np.ndarray]:
     """``repeat + 1`` seeded random ``[layers, slots]`` placements."""
-    from .testing import random_placement
+    from ._scenario import random_placement
 
     rng = np.random.default_rng(cfg.seed)
     return [
@@ -157,7 +157,7 @@ def _rank_main(
 ) -> dict[str, Any]:
     """One rank of the demo (module level: the spawn start method pickles it)."""
     import eplb_xfer
-    from eplb_xfer.testing import build_weights, verify
+    from eplb_xfer._scenario import build_weights, verify
 
     specs = scaled(cfg.model, cfg.scale).specs()
     weights, buffer = build_weights(specs, placements[0], rank, world, cfg.num_experts, cfg.seed)

@@ -1,6 +1,6 @@
 """Per-expert weight shapes of the benchmark models (vLLM FusedMoE layout).
 
-Each model is a list of :class:`~eplb_xfer.testing.TensorSpec`, one per
+Each model is a list of :class:`~eplb_xfer._scenario.TensorSpec`, one per
 stacked weight tensor of an MoE layer, giving the dtype and the shape of one
 expert's row. FP8 and MXFP4 weights (and e8m0 scales) are stored as ``uint8``,
 exactly as the engine holds them. :func:`scaled` shrinks the rows for CPU
@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from ._tensors import expert_bytes as _layer_expert_bytes
-from .testing import TensorSpec
+from ._scenario import TensorSpec
 
 u8, bf16, f32 = torch.uint8, torch.bfloat16, torch.float32
 
@@ -61,7 +61,7 @@ class ModelSpec:
         return n_local * self.expert_bytes
 
     def specs(self) -> list[TensorSpec]:
-        """The tensor specs as a list (the form ``eplb_xfer.testing`` takes)."""
+        """The tensor specs as a list (the form ``eplb_xfer._scenario`` takes)."""
         return list(self.tensors)
 
 

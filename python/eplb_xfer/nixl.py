@@ -1,22 +1,24 @@
-"""NixlCommunicator: thin Python over the Rust NIXL engine.
+"""NixlCommunicator: thin Python over the Rust NIXL transport.
 
-Python finds NIXL's C API library, describes tensors (pointers, row strides,
-row sizes, device) and runs torch copies; Rust owns the agent, registrations,
-prepared descriptor lists, the per-layer READ/notification protocol and its
-deadline.
+Python finds NIXL's C API library, hands the tensors to the Rust core and
+runs torch kernels on GPUs; Rust owns the agent, registrations, prepared
+descriptor lists, the per-layer protocol, its deadline and the failure
+agreement (on a worker thread that never needs the GIL), and on CPU the
+layer's row copies and checksums too.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import importlib.util
 import logging
 import os
-import socket
 import uuid
-from collections.abc import Callable, Sequence
+import weakref
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,27 +26,38 @@ import torch.distributed as dist
 
 from . import _core
 from ._tensors import (
-    RowLayout,
+    checksum_payload,
+    copy_rows,
+    copy_runs,
+    deferred_sigint,
     expert_bytes,
     expert_checksums,
-    row_checksums,
-    row_layout,
-    span,
-    synchronize,
+    read_checksum_payload,
+    stream_context,
     validate_weights,
+    wait_for_stream,
 )
-from .communicator import EplbCommunicator, check_expert, check_rank, layer_row
-from .errors import TransferError
+from .communicator import (
+    EplbCommunicator,
+    LayerOutcome,
+    check_expert,
+    check_rank,
+    check_row_tensors,
+    layer_row,
+)
+from .errors import TransferError, TransferInterrupted
 from .planning import TransferPlan
 
 log = logging.getLogger("eplb_xfer.nixl")
 
 MODES = ("zero_copy", "staged")
 
-#: UCX settings applied (unless the user set them) before the first agent exists.
-#: Without GET zero-copy, NIXL READ between GPUs runs over TCP emulation
-#: (0.5 GB/s instead of about 1 TB/s on an H100).
+#: UCX settings applied (unless the user set them) before the first agent
+#: exists, on GPUs: without GET zero-copy NIXL READ between GPUs runs over TCP
+#: emulation (0.5 GB/s instead of about 1 TB/s on an H100).
 UCX_DEFAULTS = {"UCX_CUDA_IPC_ENABLE_GET_ZCOPY": "y"}
+
+_LIVE: weakref.WeakSet[NixlCommunicator] = weakref.WeakSet()
 
 
 def find_nixl_capi() -> Path:
@@ -78,44 +91,59 @@ def find_nixl_capi() -> Path:
 
 
 def apply_ucx_defaults() -> None:
-    """Sets :data:`UCX_DEFAULTS` in the environment unless already set. UCX reads
-    them when an agent's backend starts, so this runs before any agent exists."""
+    """Sets :data:`UCX_DEFAULTS` unless already set (before any agent exists)."""
     for k, v in UCX_DEFAULTS.items():
         os.environ.setdefault(k, v)
 
 
+def _error_of(result: dict[str, Any], what: str) -> TransferError:
+    f = result["failure"]
+    return TransferError(
+        f"{what} failed: {f['detail']}",
+        peer=int(f["culprit"]),
+        layer=int(result.get("label", -1)),
+        blame=str(f["blame"]),
+    )
+
+
 class NixlCommunicator(EplbCommunicator):
-    """Receiver-initiated NIXL READ of expert rows.
+    """Moves expert rows with NIXL: zero staging, one exchange per layer.
 
-    * ``mode="zero_copy"`` (default): every layer's weights and the buffer are
-      registered once; receivers READ straight from the source's weight rows.
-      ``staging_bytes == 0``.
-    * ``mode="staged"``: one packed send layer (``n_local`` expert slots); each
-      local expert is packed once, however many peers read it, at the slot of
-      its first row (``expert_to_slot``); receivers READ into buffer rows.
+    * ``mode="zero_copy"`` (default): every layer's weights and the buffer
+      are registered once; rows move straight from the source's weights into
+      the receiver's buffer. ``staging_bytes == 0``.
+    * ``mode="staged"``: one packed send layer (``n_local`` expert slots);
+      each local expert is packed once, however many peers read it.
 
-    Set-up exchanges NIXL metadata and layouts once over ``group`` (an object
-    all-gather); a rebalance uses NIXL notifications only. The weights and
-    buffer are bound at construction: reallocate them and you need a new one.
+    Per pair of ranks, rows move by READ (receiver-initiated) where the path
+    does zero-copy GET (cma inside a host, cuda_ipc, RDMA) and by WRITE
+    (sender-initiated, completion by notification) where GET would be
+    emulated (tcp): ``direction="auto"|"read"|"write"``. Cross-node traffic
+    runs in rounds in which each node exchanges with one other node
+    (``schedule="rounds"``; ``"all"`` starts everything at once).
+
+    Set-up (here) uses the process group once: NIXL metadata, layouts and
+    node facts are all-gathered, descriptor lists prepared, and every pair
+    moves 8 test bytes, so a transport that cannot work fails now on every
+    rank (``TransferError`` with ``layer == -1``), naming the UCX settings.
+    A rebalance uses NIXL notifications only.
 
     Args:
-        group: process group of the EP ranks.
+        group: process group of the EP ranks (None = default).
         expert_weights: per layer, the stacked tensors ``[n_local, ...]``.
         expert_buffer: one layer's worth of tensors like ``expert_weights[0]``.
         mode: ``"zero_copy"`` or ``"staged"``.
-        timeout_s: deadline of each layer's exchange; past it every surviving
-            rank raises :class:`TransferError`.
+        timeout_s: deadline of each layer; past it every surviving rank raises
+            :class:`TransferError` after the failure agreement (at most about
+            ``min(1, timeout_s / 2)`` s per round, usually one or two rounds).
         verify: check every received expert against a checksum its source
-            computed (:func:`row_checksums`) before the layer may commit; a
-            mismatch raises :class:`TransferError` naming the source on every
-            rank, and no rank commits that layer. Costs one hash pass over the
-            sent and received rows per layer.
+            computed before the layer may commit; a mismatch fails the layer
+            on every rank, naming the source.
+        direction: ``"auto"``, ``"read"`` or ``"write"`` (same on every rank).
+        schedule: ``"rounds"`` or ``"all"`` (same on every rank).
+        node_of_rank: node id of every rank; default: detected (same kernel
+            boot id and PID namespace = same node).
         lib_path: explicit ``libnixl_capi.so`` (default: found from the wheel).
-
-    Failure semantics: a peer that dies or stops answering makes every
-    surviving rank raise :class:`TransferError` within about ``timeout_s`` (plus
-    at most 2 s, to agree on the outcome); all survivors report the same layer
-    and the same committed layers (see :meth:`end_rebalance`).
     """
 
     def __init__(
@@ -127,34 +155,42 @@ class NixlCommunicator(EplbCommunicator):
         mode: str = "zero_copy",
         timeout_s: float = 60.0,
         verify: bool = False,
+        direction: str = "auto",
+        schedule: str = "rounds",
+        node_of_rank: Sequence[int] | None = None,
         lib_path: str | os.PathLike[str] | None = None,
     ) -> None:
         super().__init__(group)
         if not isinstance(verify, bool):
             raise TypeError(f"verify: expected a bool, got {verify!r}")
-        if mode not in MODES:
-            raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
-        if (
-            isinstance(timeout_s, bool)
-            or not isinstance(timeout_s, (int, float))
-            or not (timeout_s > 0 and np.isfinite(timeout_s))
-        ):
-            raise ValueError(f"timeout_s: expected a positive number of seconds, got {timeout_s!r}")
+        for name, value in (("mode", mode), ("direction", direction), ("schedule", schedule)):
+            if not isinstance(value, str):
+                raise TypeError(f"{name}: expected a str, got {type(value).__name__}")
+        if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)):
+            raise TypeError(f"timeout_s: expected seconds as a number, got {timeout_s!r}")
+        nodes = None
+        if node_of_rank is not None:
+            nodes = [check_rank(n, "node_of_rank", 1 << 31) for n in node_of_rank]
+            if len(nodes) != self.world_size:
+                raise ValueError(
+                    f"node_of_rank: {len(nodes)} entries for {self.world_size} ranks"
+                )
         n_local, device = validate_weights(expert_weights, expert_buffer)
         self.mode = mode
         self.timeout_s = float(timeout_s)
         self.verify = verify
-        self._failure: TransferError | None = None
-        self._corrupt_layer = _fault_layer("corrupt_send")
         self.n_local = n_local
         self.device = device
         self._weights = [list(layer) for layer in expert_weights]
         self._buffer = list(expert_buffer)
-        self._buffer_rows = [
-            row_layout(b, f"expert_buffer[{i}]") for i, b in enumerate(self._buffer)
-        ]
+        self._row_bytes = [b[0].numel() * b.element_size() for b in self._buffer]
         self._expert_bytes = expert_bytes(self._buffer)
-        self._offsets = np.cumsum([0] + [r.row_bytes for r in self._buffer_rows]).tolist()
+        self._offsets = np.cumsum([0, *self._row_bytes]).tolist()
+        self._failure: TransferError | None = None
+        self._sends: list[tuple[int, int, list[torch.Tensor]]] = []
+        self._recvs: list[tuple[int, int, list[torch.Tensor]]] = []
+        self._vllm_layer = -1
+        self._vllm_committed: list[int] = []
         self._packed: torch.Tensor | None = None
         if mode == "staged":
             self._packed = torch.empty(
@@ -163,18 +199,6 @@ class NixlCommunicator(EplbCommunicator):
         lib = Path(lib_path) if lib_path is not None else find_nixl_capi()
         if device.type == "cuda":
             apply_ucx_defaults()
-        self._weight_rows = [
-            [row_layout(w, f"expert_weights[{li}][{ti}]") for ti, w in enumerate(layer)]
-            for li, layer in enumerate(self._weights)
-        ]
-        weights_layout = [[r.as_tuple() for r in layer] for layer in self._weight_rows]
-        regions = [span(b) for b in self._buffer]
-        packed = None
-        if self._packed is not None:
-            regions.append((self._packed.data_ptr(), self._packed.numel()))
-            packed = (self._packed.data_ptr(), self._expert_bytes)
-        else:
-            regions += [span(w) for layer in self._weights for w in layer]
         self.agent_name = f"eplbx-{uuid.uuid4().hex[:12]}-r{self.rank}"
         self._engine: _core.NixlEngine | None = _core.NixlEngine(
             str(lib),
@@ -182,32 +206,46 @@ class NixlCommunicator(EplbCommunicator):
             self.rank,
             self.world_size,
             mode,
-            "cuda" if device.type == "cuda" else "cpu",
-            device.index or 0,
             self.timeout_s,
-            n_local,
-            weights_layout,
-            [r.as_tuple() for r in self._buffer_rows],
-            packed,
-            regions,
+            self._weights,
+            self._buffer,
+            self._packed,
+            direction,
+            schedule,
         )
-        blobs: list[Any] = [None] * self.world_size
-        mine = (bytes(self._engine.local_blob()), socket.gethostname())
-        dist.all_gather_object(blobs, mine, group=group)
         try:
-            self._engine.connect([b for b, _host in blobs])
-        except _core.PeerTransferError as e:  # a peer died or is unreachable during set-up
+            blobs: list[Any] = [None] * self.world_size
+            dist.all_gather_object(blobs, bytes(self._engine.local_blob()), group=group)
+            probe_failures = self._engine.connect(blobs, nodes)
+            everyone: list[Any] = [None] * self.world_size
+            dist.all_gather_object(everyone, probe_failures, group=group)
+            failed = [(r, p, why) for r, fs in enumerate(everyone) for p, why in fs]
+            if failed:
+                r, p, why = failed[0]
+                raise TransferError(
+                    f"set-up failed between ranks {r} and {p}: {why}",
+                    peer=int(p),
+                    layer=-1,
+                    blame="setup",
+                )
+            self._engine.start()
+        except BaseException:
             self._engine.close(0.0)
             self._engine = None
-            msg, peer, _layer = e.args
-            raise TransferError(f"set-up failed: {msg}", peer=int(peer), layer=-1) from e
-        hosts = [host for _b, host in blobs]
-        #: Node index of every rank (ranks on one host share a node), learned at
-        #: set-up; the driver prefers same-node sources with it.
-        self.node_of_rank: list[int] = [sorted(set(hosts)).index(h) for h in hosts]
-        self._sends: list[tuple[int, int, list[torch.Tensor]]] = []
-        self._recvs: list[tuple[int, int, int]] = []
-        log.debug("rank %d: NIXL agent %s ready (%s)", self.rank, self.agent_name, mode)
+            raise
+        #: Node index of every rank (learned at set-up, or as given).
+        self.node_of_rank: list[int] = list(self._engine.node_of_rank)
+        #: Per rank: "read" / "write" (how rows move with it) or "self".
+        self.directions: list[str] = list(self._engine.directions)
+        _LIVE.add(self)
+        log.debug(
+            "rank %d: NIXL agent %s ready (%s, nodes %s, directions %s)",
+            self.rank,
+            self.agent_name,
+            mode,
+            self.node_of_rank,
+            self.directions,
+        )
 
     # -- properties ---------------------------------------------------------------
     @property
@@ -215,171 +253,198 @@ class NixlCommunicator(EplbCommunicator):
         return 0 if self._packed is None else self._packed.numel()
 
     @property
-    def prepared_lists_built(self) -> int:
-        """Prepared descriptor lists built so far: ``world_size`` at set-up
-        (one per peer plus one local), never more."""
-        return self._live().prepared_lists_built
+    def needs_profile_buffer_reservation(self) -> bool:
+        """False: nothing is allocated at transfer time (the staged send layer,
+        if any, was allocated when this communicator was built)."""
+        return False
 
     @property
     def exchanges(self) -> int:
-        """Layer exchanges run so far."""
-        return self._live().exchanges
+        """Layer exchanges run so far (including closing handshakes)."""
+        return int(self.counters["exchanges"])  # type: ignore[call-overload]
 
     @property
     def counters(self) -> dict[str, object]:
-        """NIXL handle and message counters of this communicator:
+        """NIXL handle and message counters (never waits for a running layer):
         ``requests_live`` (0 between layers), ``requests_created``,
-        ``prepared_lists_live`` / ``prepared_lists_built`` (``world_size``, never
-        more), ``notifications_sent`` / ``_received``, ``inbox_entries``
-        (buffered peer messages, 0 between rebalances), ``exchanges`` and
-        ``failed_peers`` (ranks found dead or stuck)."""
-        return dict(self._live("counters").counters())
+        ``prepared_lists_live`` (built once at set-up), ``notifications_sent``
+        / ``_received``, ``buffered`` (peer messages kept for later),
+        ``ignored_messages``, ``exchanges`` and ``failed_peers``."""
+        return dict(self._live("counters", allow_failed=True).counters())
 
-    def _live(self, what: str = "") -> _core.NixlEngine:
-        doing = f": cannot {what}" if what else ""
+    def num_layers_or_none(self) -> int | None:
+        return len(self._weights)
+
+    def num_slots_or_none(self) -> int | None:
+        return self.n_local * self.world_size
+
+    def _live(self, what: str, *, allow_failed: bool = False) -> _core.NixlEngine:
         if self._engine is None:
-            raise RuntimeError(f"NixlCommunicator is closed{doing}; create a new one")
-        if self._failure is not None and what not in ("", "counters"):
+            raise RuntimeError(f"NixlCommunicator is closed: cannot {what}; create a new one")
+        if self._failure is not None and not allow_failed:
             raise RuntimeError(
-                f"NixlCommunicator failed earlier{doing} ({self._failure}); close() it and "
-                "create a new one"
+                f"NixlCommunicator failed earlier: cannot {what} ({self._failure}); close() it "
+                "and create a new one"
             )
         return self._engine
 
-    def _failed_with(self, e: _core.PeerTransferError) -> TransferError:
-        """Records a peer failure (the communicator is unusable from now on:
-        a dead peer's protocol state cannot be recovered) and converts it."""
-        msg, peer, layer = e.args
-        err = TransferError(str(msg), peer=int(peer), layer=int(layer))
+    def _fail(self, err: TransferError) -> TransferError:
         self._failure = err
         return err
 
-    def end_rebalance(self, num_layers: int) -> None:
-        """Closing handshake of a rebalance (one exchange without reads).
-
-        A rank that missed a dead peer's last DONE learns here, from the other
-        survivors, that the last layer completed everywhere, so every survivor
-        reports the same committed layers. Raises :class:`TransferError` (with
-        ``layer == num_layers``: every layer was committed) if a peer failed.
-        """
-        engine = self._live("end_rebalance")
-        try:
-            engine.barrier(num_layers)
-        except _core.PeerTransferError as e:
-            raise self._failed_with(e) from e
-
-    # -- eplb-xfer fast path -------------------------------------------------------
+    # -- eplb-xfer's way ------------------------------------------------------------
     def check_tensors(
         self,
         expert_weights: Sequence[Sequence[torch.Tensor]],
         expert_buffer: Sequence[torch.Tensor],
     ) -> None:
-        self._live("rebalance")
-        if len(expert_weights) != len(self._weights):
-            raise ValueError(
-                f"expert_weights: {len(expert_weights)} layers, but this NixlCommunicator "
-                f"registered {len(self._weights)}"
-            )
-        for layer, (got, bound) in enumerate(zip(expert_weights, self._weights)):
-            self._check_bound(got, bound, f"expert_weights[{layer}]")
-        self._check_bound(expert_buffer, self._buffer, "expert_buffer")
+        engine = self._live("rebalance")
+        engine.check_bound([list(layer) for layer in expert_weights], list(expert_buffer))
 
-    def transfer_layer(
+    def rebalance_layer(
         self,
         plan: TransferPlan,
         layer_idx: int,
         weights: Sequence[torch.Tensor],
         buffer: Sequence[torch.Tensor],
         old_layer: np.ndarray,
-    ) -> dict[int, int]:
-        engine = self._live("transfer_layer")
-        if not 0 <= layer_idx < len(self._weights):
-            raise ValueError(f"layer_idx: {layer_idx} outside 0..{len(self._weights) - 1}")
-        self._check_bound(weights, self._weights[layer_idx], f"expert_weights[{layer_idx}]")
-        self._check_bound(buffer, self._buffer, "expert_buffer")
-        synchronize(self.device)  # no READ may land while a stream still uses the buffer
-        sends = plan.sends(layer_idx, self.rank)
-        if self._packed is not None:
-            for _expert, src_row, _readers in sends:
-                self._pack(src_row, [w[src_row] for w in weights])
-            synchronize(self.device)
-        try:
-            if not self.verify:
-                stats = engine.exchange_plan(plan, layer_idx)
-            else:
-                sent = {src_row: [w[src_row] for w in weights] for _e, src_row, _r in sends}
-                stats = self._verified_exchange(
-                    layer_idx,
-                    sent,
-                    plan.recvs(layer_idx, self.rank),
-                    lambda payload: engine.begin_plan(plan, layer_idx, payload),
-                )
-        except _core.PeerTransferError as e:
-            raise self._failed_with(e) from e
-        rows_per_peer = cast(list[tuple[int, int]], stats["rows_per_peer"])
-        return {int(p): int(n) for p, n in rows_per_peer}
-
-    def _verified_exchange(
-        self,
-        layer: int,
-        sent: dict[int, list[torch.Tensor]],
-        received: list[tuple[int, int, int, int]],
-        begin: Callable[[bytes], list[bytes | None]],
-    ) -> dict[str, object]:
-        """An exchange whose READY carries checksums of the rows this rank
-        serves; every received row is checked before DONE, so a mismatch means
-        no rank can commit the layer. ``received`` holds ``(expert, src_rank,
-        src_row, dst_row)``."""
-        engine = self._live("execute")
-        rows = sorted(sent)
-        table = np.zeros(len(rows), dtype=_CHECKSUM_ENTRY)
-        table["row"] = rows
-        table["checksum"] = expert_checksums([sent[r] for r in rows])
-        served: torch.Tensor | None = None
-        if self._corrupt_layer == layer and rows:
-            # Test-only fault: change a byte a peer will READ, after hashing it,
-            # until every peer is done (restored on the way out).
-            if self._packed is not None:
-                served = self._packed[rows[0] * self._expert_bytes :][:1]
-            else:
-                served = sent[rows[0]][0].reshape(-1).view(torch.uint8)[:1]
-            served ^= 0xFF
-        try:
-            payloads = begin(table.tobytes())
-            try:
-                expected: dict[tuple[int, int], int] = {}
-                for src in {src for _e, src, _s, _d in received}:
-                    entries = np.frombuffer(payloads[src] or b"", dtype=_CHECKSUM_ENTRY)
-                    expected.update(
-                        ((src, int(r)), int(c)) for r, c in zip(entries["row"], entries["checksum"])
-                    )
-                synchronize(self.device)
-                got = row_checksums(self._buffer, [dst for _e, _src, _s, dst in received])
-                for (expert, src, src_row, dst), value in zip(received, got):
-                    want = expected.get((src, src_row))
-                    if want != value:
-                        engine.abort(
-                            src,
-                            f"checksum mismatch for expert {expert} read from rank {src} row "
-                            f"{src_row} into buffer row {dst}: got {value:#018x}, source sent "
-                            f"{'nothing' if want is None else f'{want:#018x}'}",
-                        )
-                return dict(engine.end())
-            except _core.PeerTransferError:
-                raise
-            except BaseException as e:  # our own failure: peers must not wait for our DONE
-                engine.abort(self.rank, f"rank {self.rank} failed while verifying: {e!r}")
-                raise  # not reached: abort always raises
-        finally:
-            if served is not None:
-                served ^= 0xFF
-
-    @staticmethod
-    def _check_bound(got: Sequence[torch.Tensor], bound: Sequence[torch.Tensor], name: str) -> None:
-        if len(got) != len(bound) or any(a.data_ptr() != b.data_ptr() for a, b in zip(got, bound)):
-            raise ValueError(
-                f"{name}: not the tensors this NixlCommunicator registered; create a new one"
+    ) -> LayerOutcome:
+        engine = self._live("rebalance_layer")
+        if self.device.type == "cpu":
+            # The whole layer in one call: copies, exchange, checksums, commit.
+            res = engine.exchange_plan(
+                plan, layer_idx, True, "host" if self.verify else "off", None
             )
+            return self._outcome(res, f"layer {layer_idx}")
+        return self._device_layer(engine, plan, layer_idx, weights, buffer)
+
+    def _device_layer(
+        self,
+        engine: _core.NixlEngine,
+        plan: TransferPlan,
+        layer: int,
+        weights: Sequence[torch.Tensor],
+        buffer: Sequence[torch.Tensor],
+    ) -> LayerOutcome:
+        rank = self.rank
+        sends = plan.sends(layer, rank)
+        try:
+            with stream_context(self._stream):
+                copy_rows(buffer, weights, [(s, d) for _e, s, d in plan.local_copies(layer, rank)])
+                for _e, src_row, _readers in sends if self._packed is not None else ():
+                    self._pack(src_row, [w[src_row] for w in weights])
+                payloads = None
+                if self.verify:
+                    payloads = self._served_payloads(
+                        [(src_row, r) for _e, src_row, readers in sends for r in readers],
+                        {src_row: [w[src_row] for w in weights] for _e, src_row, _r in sends},
+                    )
+            # No byte moves into the buffer before the stream's work on it ran.
+            wait_for_stream(self.device, self._stream)
+        except BaseException as e:
+            engine.abort_local("interrupted" if isinstance(e, KeyboardInterrupt) else "error")
+            raise
+        res = engine.exchange_plan(
+            plan, layer, False, "caller" if self.verify else "off", payloads
+        )
+        if res["state"] == "landed":
+            received = [(src, s, d) for _e, src, s, d in plan.recvs(layer, rank)]
+            res = self._verify_landed(engine, res, received)
+        outcome = self._outcome(res, f"layer {layer}", commit_later=True)
+        if outcome.committed:
+            with deferred_sigint(), stream_context(self._stream):
+                copy_rows(buffer, buffer, [(s, d) for _e, s, d in plan.dup_fills(layer, rank)])
+                copy_runs(weights, buffer, plan.changed_runs(layer, rank))
+        if outcome.interrupted:
+            raise TransferInterrupted(
+                f"interrupted at layer {layer}, after it committed on every rank",
+                layer=layer + 1,
+                committed_layers=[],
+            )
+        return outcome
+
+    def _verify_landed(
+        self,
+        engine: _core.NixlEngine,
+        res: dict[str, Any],
+        received: list[tuple[int, int, int]],
+    ) -> dict[str, Any]:
+        """Checks received rows ``(src_rank, src_row, dst_row)`` against their
+        sources' checksums; says DONE or names the first bad source."""
+        try:
+            payloads = res["payloads"]
+            with stream_context(self._stream):
+                got = expert_checksums([[b[d] for b in self._buffer] for _s, _r, d in received])
+            for (src, src_row, _d), value in zip(received, got):
+                if read_checksum_payload(payloads[src]).get(src_row) != value:
+                    log.warning(
+                        "rank %d: checksum mismatch on data from rank %d (row %d)",
+                        self.rank,
+                        src,
+                        src_row,
+                    )
+                    return dict(engine.abort_verdict(src))
+        except BaseException as e:
+            engine.abort_local("interrupted" if isinstance(e, KeyboardInterrupt) else "error")
+            raise
+        return dict(engine.done())
+
+    def _served_payloads(
+        self, serves: list[tuple[int, int]], rows: dict[int, list[torch.Tensor]]
+    ) -> list[tuple[int, bytes]]:
+        """READY payloads: for each reader, checksums of the rows it reads."""
+        order = sorted(rows)
+        sums = dict(zip(order, expert_checksums([rows[r] for r in order])))
+        by_reader: dict[int, list[int]] = {}
+        for row, reader in serves:
+            by_reader.setdefault(reader, []).append(row)
+        return [
+            (reader, checksum_payload(rs, [sums[r] for r in rs]))
+            for reader, rs in sorted(by_reader.items())
+        ]
+
+    def _outcome(self, res: dict[str, Any], what: str, commit_later: bool = False) -> LayerOutcome:
+        interrupted = bool(res.get("interrupted"))
+        if res["state"] == "failed":
+            err = self._fail(_error_of(res, what))
+            if interrupted:
+                raise TransferInterrupted(
+                    f"{what}: interrupted ({err})", layer=err.layer, committed_layers=[]
+                ) from err
+            raise err
+        per_peer = {int(p): int(n) for p, n in res.get("rows_per_peer", [])}
+        pending = res.get("pending")
+        if pending is not None:
+            self._failure = TransferError(
+                f"a peer failed: {pending['detail']}",
+                peer=int(pending["culprit"]),
+                layer=int(res.get("label", -1)) + 1,
+                blame=str(pending["blame"]),
+            )
+        if interrupted and not commit_later:
+            raise TransferInterrupted(
+                f"{what}: interrupted after the layer committed everywhere",
+                layer=int(res.get("label", -1)) + 1,
+                committed_layers=[],
+            )
+        return LayerOutcome(committed=True, rows_per_peer=per_peer, interrupted=interrupted)
+
+    def begin_rebalance(self, plan: TransferPlan) -> None:
+        """Opening handshake (an exchange without data) carrying the plan's
+        fingerprint: ranks that disagree on the placements (or on anything
+        the plan was made from) all raise :class:`TransferError` here, before
+        any row or buffer byte moves."""
+        engine = self._live("begin_rebalance")
+        res = engine.barrier(0, plan.fingerprint)
+        self._outcome(res, "the opening handshake")
+
+    def end_rebalance(self, num_layers: int) -> None:
+        """Closing handshake (an exchange without data): a rank that missed a
+        dead peer's last DONE learns here that the last layer completed.
+        Raises :class:`TransferError` (``layer == num_layers``) if a peer failed."""
+        engine = self._live("end_rebalance")
+        res = engine.barrier(num_layers)
+        self._outcome(res, "the closing handshake")
 
     def _pack(self, slot: int, rows: Sequence[torch.Tensor]) -> None:
         assert self._packed is not None
@@ -393,167 +458,176 @@ class NixlCommunicator(EplbCommunicator):
         self._live("add_send")
         dst = check_rank(dst_rank, "dst_rank", self.world_size)
         expert = check_expert(expert_id)
-        ts = list(tensors)
-        self._check_row_tensors(ts, "tensors")
+        ts = check_row_tensors(tensors, "tensors", self._row_bytes, receive=False)
         self._sends.append((dst, expert, ts))
 
     def add_recv(self, tensors: Sequence[torch.Tensor], src_rank: int, expert_id: int) -> None:
         self._live("add_recv")
         src = check_rank(src_rank, "src_rank", self.world_size)
         expert = check_expert(expert_id)
-        ts = list(tensors)
-        self._check_row_tensors(ts, "tensors")
-        self._recvs.append((src, expert, self._buffer_row_of(ts)))
-
-    def _check_row_tensors(self, ts: list[torch.Tensor], name: str) -> None:
-        if len(ts) != len(self._buffer):
-            raise ValueError(
-                f"{name}: expected {len(self._buffer)} tensors (one row per weight tensor), "
-                f"got {len(ts)}"
-            )
-        for i, (t, ref) in enumerate(zip(ts, self._buffer_rows)):
-            if not isinstance(t, torch.Tensor):
-                raise TypeError(f"{name}[{i}]: expected a torch.Tensor, got {type(t).__name__}")
-            if t.numel() * t.element_size() != ref.row_bytes or not t.is_contiguous():
-                raise ValueError(
-                    f"{name}[{i}]: expected a contiguous row of {ref.row_bytes} bytes, got "
-                    f"{t.numel() * t.element_size()} bytes"
-                )
-
-    def _buffer_row_of(self, ts: list[torch.Tensor]) -> int:
-        row = _common_row(ts, self._buffer_rows, self.n_local)
-        if row is None:
-            raise ValueError(
-                "tensors: NIXL receives must target one row of expert_buffer "
-                f"(addresses {[hex(t.data_ptr()) for t in ts]})"
-            )
-        return row
+        ts = check_row_tensors(tensors, "tensors", self._row_bytes, receive=True)
+        self._recvs.append((src, expert, ts))
 
     def execute(self, old_indices: Any = None) -> None:
+        """Moves the queued rows of the context layer. Returns once this
+        rank's receives landed and every peer finished reading its rows
+        (the caller may then overwrite them). Receive targets outside the
+        registered buffer land in the registered buffer first and are copied
+        after the layer committed (one extra local copy, no extra memory)."""
         engine = self._live("execute")
+        self.acquire("execute")
+        try:
+            self._execute(engine, old_indices)
+        finally:
+            self.release()
+
+    def _execute(self, engine: _core.NixlEngine, old_indices: Any) -> None:
         sends, recvs = self._sends, self._recvs
         self._sends, self._recvs = [], []
+        layer = self._ctx_layer
         if old_indices is not None:
-            old_layer = layer_row(old_indices, self._ctx_layer)
+            old_layer = layer_row(old_indices, layer)
         elif self._ctx_old is not None:
             old_layer = self._ctx_old
         else:
             raise ValueError(
                 "old_indices: needed (pass it to execute or call set_transfer_context first)"
             )
-        if old_layer.shape[0] != self.n_local * self.world_size:
-            raise ValueError(
-                f"old_indices: expected {self.n_local * self.world_size} slots, got shape "
-                f"{tuple(old_layer.shape)}"
-            )
-        layer = self._ctx_layer
         if layer is None:
-            if self.mode == "zero_copy":
-                raise ValueError(
-                    "layer_idx: zero-copy reads need the layer; call "
-                    "set_transfer_context(old_indices, layer_idx) first"
-                )
-            layer = 0
-        if self.mode == "zero_copy" and layer >= len(self._weights):
-            raise ValueError(f"layer_idx: {layer} outside 0..{len(self._weights) - 1}")
-        per_rank = old_layer.reshape(self.world_size, self.n_local)
-
-        def first_row(rank: int, expert: int, what: str) -> int:
-            hits = np.flatnonzero(per_rank[rank] == expert)
-            if hits.size == 0:
-                raise ValueError(
-                    f"expert_id: {expert} is not held by rank {rank} in old_indices ({what})"
-                )
-            return int(hits[0])
-
-        reads: list[tuple[int, int, int]] = []
-        received: list[tuple[int, int, int, int]] = []  # (expert, src, src_row, dst_row)
-        local: list[tuple[int, int]] = []  # (src row on this rank, dst buffer row)
-        for src, expert, dst_row in recvs:
-            src_row = first_row(src, expert, "add_recv")
+            raise ValueError(
+                "layer_idx: unknown; call set_transfer_context(old_indices, layer_idx) first"
+            )
+        slots = self.n_local * self.world_size
+        if old_layer.shape[0] != slots:
+            raise ValueError(
+                f"old_indices: expected {slots} slots, got shape {tuple(old_layer.shape)}"
+            )
+        # Receives: rows of the registered buffer, or foreign rows that land
+        # in a free registered row first.
+        targets: list[tuple[int, int, list[torch.Tensor], int | None]] = []
+        used: set[int] = set()
+        for src, expert, ts in recvs:
             if src == self.rank:
-                local.append((src_row, dst_row))
-            else:
-                reads.append((src, src_row, dst_row))
-                received.append((expert, src, src_row, dst_row))
-        # Rows this rank serves, by the row peers read (the first holding the
-        # expert): staged mode packs them there.
+                raise ValueError(
+                    f"src_rank: {src} is this rank; local moves are the caller's copies"
+                )
+            row = engine.row_of(ts, "buffer", 0)
+            targets.append((src, expert, ts, row))
+            if row is not None:
+                used.add(int(row))
+        free = iter(r for r in range(self.n_local) if r not in used)
+        mapped_recvs: list[tuple[int, int, int]] = []
+        foreign: list[tuple[int, list[torch.Tensor]]] = []
+        for src, expert, ts, row in targets:
+            if row is None:
+                landing = next(free, None)
+                if landing is None:
+                    raise ValueError(
+                        f"tensors: {len(targets)} receives do not fit the {self.n_local} rows of "
+                        "the registered buffer"
+                    )
+                foreign.append((landing, ts))
+                row = landing
+            mapped_recvs.append((expert, src, int(row)))
         served: dict[int, list[torch.Tensor]] = {}
-        for _dst, expert, ts in sends:
-            served.setdefault(first_row(self.rank, expert, "add_send"), ts)
-        if self._packed is None:
-            # Zero-copy serves rows straight from the registered weights, so what
-            # add_send names must be one of this rank's rows holding the expert.
-            mine = per_rank[self.rank]
-            for _dst, expert, ts in sends:
-                row = _common_row(ts, self._weight_rows[layer], self.n_local)
-                if row is None or int(mine[row]) != expert:
+        mine = old_layer[self.rank * self.n_local : (self.rank + 1) * self.n_local]
+        for dst, expert, ts in sends:
+            if dst == self.rank:
+                raise ValueError(f"dst_rank: {dst} is this rank; local moves are the caller's")
+            if self._packed is None:
+                row = engine.row_of(ts, "weights", layer)
+                if row is None or int(mine[int(row)]) != expert:
                     raise ValueError(
                         f"tensors: zero-copy add_send for expert_id {expert} must pass rows of "
                         f"expert_weights[{layer}] that hold it in old_indices"
                     )
-        # Everything validated: from here on bytes move.
-        synchronize(self.device)
-        if local:
-            src_layer = self._weights[layer] if layer < len(self._weights) else None
-            if src_layer is None:
-                raise ValueError(f"layer_idx: {layer} has no registered weights")
-            for s, d in local:
-                for b, w in zip(self._buffer, src_layer):
-                    b[d].copy_(w[s])
-        if self._packed is not None and served:
-            for slot, ts in served.items():
-                self._pack(slot, ts)
-            synchronize(self.device)
+        mapped = engine.map_experts(
+            layer,
+            np.ascontiguousarray(old_layer, dtype=np.int64).tobytes(),
+            mapped_recvs,
+            [(expert, dst) for dst, expert, _ts in sends],
+        )
+        for dst, expert, ts in sends:
+            hits = np.flatnonzero(mine == expert)
+            served.setdefault(int(hits[0]), ts)
+        # Validated: from here on bytes move, and any error tells the peers.
+        if layer <= self._vllm_layer:
+            self._vllm_committed = []  # a new rebalance began
+        self._vllm_layer = layer
         try:
-            if not self.verify:
-                engine.exchange_reads(layer, reads)
-            else:
-                self._verified_exchange(
-                    layer,
-                    served,
-                    received,
-                    lambda payload: engine.begin_reads(layer, reads, payload),
-                )
-        except _core.PeerTransferError as e:
-            raise self._failed_with(e) from e
+            with stream_context(self._stream):
+                for slot, ts in served.items() if self._packed is not None else ():
+                    self._pack(slot, ts)
+                payloads = None
+                if self.verify:
+                    order = sorted(served)
+                    serves = [
+                        (r, dst)
+                        for dst, expert, _ts in sends
+                        for r in [int(np.flatnonzero(mine == expert)[0])]
+                    ]
+                    payloads = self._served_payloads(serves, {r: served[r] for r in order})
+            wait_for_stream(self.device, self._stream)
+        except BaseException as e:
+            engine.abort_local("interrupted" if isinstance(e, KeyboardInterrupt) else "error")
+            raise
+        res = engine.exchange_mapped(mapped, "caller" if self.verify else "off", payloads)
+        if res["state"] == "landed":
+            res = self._verify_landed(engine, res, [tuple(r) for r in mapped.recvs])
+        try:
+            outcome = self._outcome(res, f"layer {layer}", commit_later=True)
+        except TransferError as e:
+            e.committed_layers = list(self._vllm_committed)
+            raise
+        except TransferInterrupted as e:
+            e.committed_layers = list(self._vllm_committed)
+            raise
+        if foreign:
+            with deferred_sigint(), stream_context(self._stream):
+                for landing, ts in foreign:
+                    for t, b in zip(ts, self._buffer):
+                        t.copy_(b[landing].reshape(t.shape).view(t.dtype))
+        if outcome.interrupted:
+            # The layer completed everywhere (peers commit it and fail at
+            # their next call); this rank stops now, before its caller
+            # copies the layer in.
+            self._failure = TransferError(
+                f"rank {self.rank} was interrupted", peer=self.rank, layer=layer + 1,
+                blame="interrupted",
+            )  # fmt: skip
+            raise TransferInterrupted(
+                f"interrupted after layer {layer} completed on every rank; not applied here",
+                layer=layer,
+                committed_layers=list(self._vllm_committed),
+            )
+        self._vllm_committed.append(layer)
 
     def close(self, linger_s: float | None = None) -> None:
-        """Says goodbye to peers (so a final DONE still queued in UCX is not
-        lost), waiting at most ``linger_s`` (default ``min(5, timeout_s)``) for
-        theirs, then releases the agent, registrations and staging. Idempotent."""
+        """Says goodbye to peers, waiting at most ``linger_s`` (default 0.5 s;
+        0 after a failure) for live peers to confirm they got everything this
+        rank sent, then releases the agent, registrations and staging.
+        Returns at once for peers known dead. Idempotent; in a forked child
+        it only forgets the parent's communicator."""
         self._closed = True
-        if self._engine is not None:
-            self._engine.close(min(5.0, self.timeout_s) if linger_s is None else linger_s)
-            self._engine = None
+        engine, self._engine = self._engine, None
+        if engine is not None:
+            if linger_s is None:
+                linger_s = 0.0 if self._failure is not None else 0.5
+            engine.close(float(linger_s))
         self._packed = None
+        _LIVE.discard(self)
 
     def __del__(self) -> None:
         with contextlib.suppress(Exception):  # interpreter shutdown
             self.close(linger_s=0.2)
 
 
-_CHECKSUM_ENTRY = np.dtype([("row", "<u4"), ("checksum", "<u8")])
-
-
-def _fault_layer(kind: str) -> int | None:
-    """Test-only fault injection: ``EPLB_XFER_FAULT=<kind>:<layer>``."""
-    spec = os.environ.get("EPLB_XFER_FAULT", "")
-    name, _, layer = spec.partition(":")
-    return int(layer) if name == kind and layer.isdigit() else None
-
-
-def _common_row(
-    ts: Sequence[torch.Tensor], layouts: Sequence[RowLayout], n_rows: int
-) -> int | None:
-    """The one row index at which every ``ts[i]`` starts in ``layouts[i]``, or None."""
-    rows = set()
-    for t, lay in zip(ts, layouts):
-        off = t.data_ptr() - lay.base
-        if off < 0 or off % lay.row_stride or off // lay.row_stride >= n_rows:
-            return None
-        rows.add(off // lay.row_stride)
-    return rows.pop() if len(rows) == 1 else None
+@atexit.register
+def _close_all() -> None:
+    """Closes communicators still open at exit, so no agent outlives Python."""
+    for comm in list(_LIVE):
+        with contextlib.suppress(Exception):
+            comm.close(linger_s=0.2)
 
 
 __all__ = ["NixlCommunicator", "apply_ucx_defaults", "find_nixl_capi"]

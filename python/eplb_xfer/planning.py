@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
+
 from . import _core
-from ._tensors import to_indices
+from ._tensors import check_int, to_indices
 
 TransferPlan = _core.TransferPlan
 
@@ -27,7 +29,8 @@ def plan_rebalance(
         node_of_rank: optional node id of each rank; same-node sources are preferred.
 
     Returns:
-        A :class:`TransferPlan`, identical on every rank that computes it.
+        A :class:`TransferPlan`, identical on every rank that computes it
+        (its ``fingerprint`` hashes all of the above).
 
     Raises:
         TypeError / ValueError naming the argument and value on bad input.
@@ -38,14 +41,15 @@ def plan_rebalance(
         raise ValueError(
             f"new_indices: shape {tuple(new.shape)} differs from old_indices {tuple(old.shape)}"
         )
-    if isinstance(ep_size, bool) or not isinstance(ep_size, int) or ep_size <= 0:
-        raise ValueError(f"ep_size: expected a positive int, got {ep_size!r}")
+    ep = check_int(ep_size, "ep_size", 1)
     nodes = None
     if node_of_rank is not None:
-        nodes = [int(n) for n in node_of_rank]
-        if any(n < 0 for n in nodes):
-            raise ValueError(f"node_of_rank: expected non-negative node ids, got {nodes}")
+        if isinstance(node_of_rank, (str, bytes)) or not hasattr(node_of_rank, "__len__"):
+            raise TypeError(
+                f"node_of_rank: expected a list of ints, got {type(node_of_rank).__name__}"
+            )
+        nodes = [check_int(n, "node_of_rank", 0, np.iinfo(np.int32).max) for n in node_of_rank]
     num_layers, num_slots = old.shape
     return _core.plan_rebalance_bytes(
-        old.tobytes(), new.tobytes(), num_layers, num_slots, ep_size, nodes
+        old.tobytes(), new.tobytes(), num_layers, num_slots, ep, nodes
     )

@@ -4,24 +4,19 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
-from . import _core
-from ._tensors import (
-    copy_rows,
-    copy_runs,
-    expert_bytes,
-    synchronize,
-    to_indices,
-    validate_weights,
-)
+from ._tensors import check_int, expert_bytes, to_indices, validate_weights
 from .communicator import EplbCommunicator
-from .errors import TransferError
+from .errors import TransferError, TransferInterrupted
 from .planning import plan_rebalance
+from .torch_dist import TorchCommunicator
 
 log = logging.getLogger("eplb_xfer")
 
@@ -32,14 +27,15 @@ class RebalanceStats:
 
     Attributes:
         layers: layers in the placement (committed, whether or not they moved).
-        experts_received: expert rows read from peers (one per missing expert).
-        bytes_received: bytes read from peers.
+        experts_received: expert rows received from peers (one per missing expert).
+        bytes_received: bytes received from peers.
         bytes_copied_locally: bytes of local copies and duplicate fills.
         seconds: wall time of the whole call on this rank.
-        per_peer_bytes: bytes read from each source rank.
+        per_peer_bytes: bytes received from each source rank.
         staging_bytes: the communicator's extra memory (0 for NIXL zero-copy).
         backend: communicator class name.
-        layer_seconds: wall time of each layer on this rank.
+        layer_seconds: wall time of each layer on this rank (0.0 for a layer
+            nobody changes).
         gbps: ``bytes_received / seconds`` in GB/s (property).
     """
 
@@ -51,7 +47,6 @@ class RebalanceStats:
     per_peer_bytes: dict[int, int] = field(default_factory=dict)
     staging_bytes: int = 0
     backend: str = ""
-    #: wall seconds of each layer on this rank (0.0 for a layer nobody changes)
     layer_seconds: list[float] = field(default_factory=list)
 
     @property
@@ -65,6 +60,61 @@ class RebalanceStats:
         return d
 
 
+def apply_rank_mapping(
+    old: np.ndarray, new: np.ndarray, rank_mapping: Mapping[int, int], world: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """vLLM's elastic-EP ``rank_mapping`` (old rank -> new rank, -1 = leaves).
+
+    Scale down (``len(rank_mapping) == world``, the old group): ``new`` is
+    widened to the old width; old rank r gets new rank ``rank_mapping[r]``'s
+    block, leaving ranks get -1 (they keep their rows and only send).
+    Scale up (``len(rank_mapping) < world``, the new group): ``old`` is
+    widened; old rank r's block moves to ``rank_mapping[r]``, new ranks hold
+    nothing (-1).
+    """
+    if not isinstance(rank_mapping, Mapping):
+        raise TypeError(
+            f"rank_mapping: expected a dict old rank -> new rank, got {type(rank_mapping).__name__}"
+        )
+    items = {
+        check_int(k, "rank_mapping key", 0): check_int(v, "rank_mapping value", -1)
+        for k, v in rank_mapping.items()
+    }
+    n_old = len(items)
+    if sorted(items) != list(range(n_old)):
+        raise ValueError(f"rank_mapping: keys must be 0..{n_old - 1}, got {sorted(items)}")
+    targets = [v for v in items.values() if v >= 0]
+    if len(set(targets)) != len(targets):
+        raise ValueError(f"rank_mapping: two old ranks map to one new rank: {items}")
+    num_layers = old.shape[0]
+    if n_old == world:  # scale down (or a relabeling): widen new
+        n_new = len(targets)
+        if sorted(targets) != list(range(n_new)):
+            raise ValueError(f"rank_mapping: new ranks must be 0..{n_new - 1}, got {items}")
+        if n_new == 0 or new.shape[1] % n_new:
+            raise ValueError(
+                f"new_indices: {new.shape[1]} slots do not split over {n_new} remaining ranks"
+            )
+        n_local = new.shape[1] // n_new
+        wide = np.full((num_layers, world * n_local), -1, dtype=np.int64)
+        for r, t in items.items():
+            if t >= 0:
+                wide[:, r * n_local : (r + 1) * n_local] = new[:, t * n_local : (t + 1) * n_local]
+        return old, wide
+    if n_old > world:
+        raise ValueError(f"rank_mapping: {n_old} old ranks for a group of {world}")
+    if any(t >= world for t in targets):
+        raise ValueError(f"rank_mapping: new ranks must be below {world}, got {items}")
+    if old.shape[1] % n_old:
+        raise ValueError(f"old_indices: {old.shape[1]} slots do not split over {n_old} old ranks")
+    n_local = old.shape[1] // n_old
+    wide = np.full((num_layers, world * n_local), -1, dtype=np.int64)
+    for r, t in items.items():
+        if t >= 0:
+            wide[:, t * n_local : (t + 1) * n_local] = old[:, r * n_local : (r + 1) * n_local]
+    return wide, new
+
+
 def rearrange_expert_weights_inplace(
     old_indices: object,
     new_indices: object,
@@ -75,13 +125,17 @@ def rearrange_expert_weights_inplace(
     *,
     node_of_rank: Sequence[int] | None = None,
     on_layer: Callable[[int], None] | None = None,
+    stream: Any = None,
+    rank_mapping: Mapping[int, int] | None = None,
 ) -> RebalanceStats:
     """Moves expert rows so that every slot holds ``new_indices``' expert.
 
     Per layer: rows this rank already holds are copied into ``expert_buffer``;
     missing experts are received once (deduplicated) into the buffer; once
-    every rank has finished the layer, changed rows are committed from the
-    buffer and duplicates filled. Unchanged slots and ``-1`` slots are untouched.
+    every rank has finished the layer, duplicates are filled and changed rows
+    committed from the buffer. Unchanged slots and ``-1`` slots are untouched.
+    Call it on every rank of ``group`` with the same placements (ranks that
+    disagree all raise :class:`TransferError` before any row changes).
 
     Args:
         old_indices, new_indices: int ``[L, P]`` (torch.Tensor or np.ndarray).
@@ -89,18 +143,22 @@ def rearrange_expert_weights_inplace(
         expert_buffer: one layer's worth of tensors like ``expert_weights[0]``.
         group: the EP process group (None = default group).
         communicator: how bytes move; None = a TorchCommunicator on ``group``.
-        node_of_rank: optional node id per rank; same-node sources preferred.
-            Default: the communicator's ``node_of_rank`` if it has one (a
-            NixlCommunicator learns which ranks share a host at set-up).
+        node_of_rank: node id per rank; same-node sources are preferred.
+            Default: what the communicator learned at set-up.
         on_layer: called with each committed layer index (progress reporting).
+        stream: CUDA stream for this call's torch work (default: the current
+            stream); data moves only after work queued there has run.
+        rank_mapping: vLLM's elastic-EP mapping (see :func:`apply_rank_mapping`).
 
     Raises:
         TypeError / ValueError before anything moves, on bad input;
-        RuntimeError if ``communicator`` was closed.
-        TransferError if a peer fails; layers in ``committed_layers`` were
-        applied, no other layer changed. With a NixlCommunicator every
-        surviving rank raises it, with the same ``layer`` and
-        ``committed_layers``, within about its ``timeout_s`` plus 2 s.
+        RuntimeError if ``communicator`` was closed, failed before, or is in
+        use by another thread (one rebalance at a time).
+        TransferError if a peer fails: every surviving rank raises it with the
+        same ``peer``, ``layer`` and ``committed_layers``; layers in
+        ``committed_layers`` were applied everywhere, no other layer changed.
+        TransferInterrupted (a KeyboardInterrupt) on Ctrl-C, after the ranks
+        agreed on the outcome.
     """
     t0 = time.perf_counter()
     if communicator is not None and not isinstance(communicator, EplbCommunicator):
@@ -109,88 +167,103 @@ def rearrange_expert_weights_inplace(
         )
     if group is not None and not isinstance(group, dist.ProcessGroup):
         raise TypeError(f"group: expected a ProcessGroup or None, got {type(group).__name__}")
+    if on_layer is not None and not callable(on_layer):
+        raise TypeError(f"on_layer: expected a callable, got {type(on_layer).__name__}")
     old = to_indices(old_indices, "old_indices")
     new = to_indices(new_indices, "new_indices")
     world = dist.get_world_size(group)
     rank = dist.get_rank(group)
+    if rank_mapping is not None:
+        old, new = apply_rank_mapping(old, new, rank_mapping, world)
+    if old.shape != new.shape:
+        raise ValueError(
+            f"new_indices: shape {tuple(new.shape)} differs from old_indices {tuple(old.shape)}"
+        )
     num_layers, num_slots = old.shape
     if num_slots % world != 0:
         raise ValueError(f"old_indices: {num_slots} slots do not split over {world} ranks")
     n_local = num_slots // world
-    _, device = validate_weights(expert_weights, expert_buffer, n_local)  # types first
+    validate_weights(expert_weights, expert_buffer, n_local)
     if len(expert_weights) != num_layers:
         raise ValueError(
             f"expert_weights: has {len(expert_weights)} layers, old_indices has {num_layers}"
         )
     owned = communicator is None
-    comm = communicator
-    if comm is None:
-        from .torch_dist import TorchCommunicator
-
-        comm = TorchCommunicator(group)
+    comm = communicator if communicator is not None else TorchCommunicator(group)
     try:
-        comm.check_tensors(expert_weights, expert_buffer)
-        if node_of_rank is None:  # a communicator may know the topology (NIXL learns hosts)
-            node_of_rank = getattr(comm, "node_of_rank", None)
-        plan = plan_rebalance(old, new, world, node_of_rank=node_of_rank)
+        comm.acquire("rebalance")
     except BaseException:
         if owned:
             comm.close()
         raise
+    previous_stream = comm._stream
+    try:
+        comm.check_tensors(expert_weights, expert_buffer)
+        if stream is not None:
+            comm.set_stream(stream)
+        nodes = node_of_rank if node_of_rank is not None else getattr(comm, "node_of_rank", None)
+        plan = plan_rebalance(old, new, world, node_of_rank=nodes)
+        return _run(plan, old, expert_weights, expert_buffer, comm, rank, on_layer, t0)
+    finally:
+        comm._stream = previous_stream
+        comm.release()
+        if owned:
+            comm.close()
+
+
+def _run(
+    plan: Any,
+    old: np.ndarray,
+    expert_weights: Sequence[Sequence[torch.Tensor]],
+    expert_buffer: Sequence[torch.Tensor],
+    comm: EplbCommunicator,
+    rank: int,
+    on_layer: Callable[[int], None] | None,
+    t0: float,
+) -> RebalanceStats:
+    num_layers = plan.num_layers
     row_bytes = expert_bytes(expert_buffer)
     stats = RebalanceStats(backend=type(comm).__name__, staging_bytes=comm.staging_bytes)
     committed: list[int] = []
+    begin = getattr(comm, "begin_rebalance", None)
     try:
+        if begin is not None:
+            begin(plan)
         for layer in range(num_layers):
             t_layer = time.perf_counter()
-            weights = expert_weights[layer]
-            local = plan.local_copies(layer, rank)
-            runs = plan.changed_runs(layer, rank)
-            if not plan.layer_moves(layer):  # all ranks agree: nothing moves anywhere
+            if not plan.layer_moves(layer):  # every rank agrees: nothing moves anywhere
                 committed.append(layer)
                 stats.layer_seconds.append(0.0)
                 if on_layer is not None:
                     on_layer(layer)
                 continue
-            synchronize(device)
-            copy_rows(expert_buffer, weights, [(s, d) for _e, s, d in local])
-            try:
-                per_peer = comm.transfer_layer(plan, layer, weights, expert_buffer, old[layer])
-            except _core.PeerTransferError as e:
-                msg, peer, _ = e.args
-                raise TransferError(
-                    str(msg), peer=int(peer), layer=layer, committed_layers=committed
-                ) from e
-            except TransferError as e:
-                raise TransferError(
-                    str(e), peer=e.peer, layer=layer, committed_layers=committed
-                ) from e
-            dups = plan.dup_fills(layer, rank)
-            copy_rows(expert_buffer, expert_buffer, [(s, d) for _e, s, d in dups])
-            copy_runs(weights, expert_buffer, runs)
+            outcome = comm.rebalance_layer(
+                plan, layer, expert_weights[layer], expert_buffer, old[layer]
+            )
             committed.append(layer)
             stats.layer_seconds.append(time.perf_counter() - t_layer)
-            n_recv = sum(per_peer.values())
+            n_recv = sum(outcome.rows_per_peer.values())
             stats.experts_received += n_recv
             stats.bytes_received += n_recv * row_bytes
-            stats.bytes_copied_locally += (len(local) + len(dups)) * row_bytes
-            for p, n in per_peer.items():
+            n_local_moves = len(plan.local_copies(layer, rank)) + len(plan.dup_fills(layer, rank))
+            stats.bytes_copied_locally += n_local_moves * row_bytes
+            for p, n in outcome.rows_per_peer.items():
                 stats.per_peer_bytes[p] = stats.per_peer_bytes.get(p, 0) + n * row_bytes
             if on_layer is not None:
                 on_layer(layer)
-        synchronize(device)
-        try:
-            comm.end_rebalance(num_layers)
-        except TransferError as e:
-            raise TransferError(
-                f"{e} (every layer was committed here)",
-                peer=e.peer,
-                layer=num_layers,
-                committed_layers=committed,
-            ) from e
-    finally:
-        if owned:
-            comm.close()
+        comm.end_rebalance(num_layers)
+    except TransferError as e:
+        raise TransferError(
+            str(e),
+            peer=e.peer,
+            layer=e.layer if e.layer >= 0 else len(committed),
+            committed_layers=committed,
+            blame=e.blame,
+        ) from e
+    except TransferInterrupted as e:
+        if e.layer > len(committed) and len(committed) < num_layers:
+            committed.append(len(committed))  # settled and committed before raising
+        raise TransferInterrupted(str(e), layer=len(committed), committed_layers=committed) from e
     stats.layers = num_layers
     stats.seconds = time.perf_counter() - t0
     log.debug("rank %d rebalance: %s", rank, stats)

@@ -8,39 +8,89 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .communicator import EplbCommunicator, check_expert, check_rank
+from . import _core
+from ._tensors import stream_context, validate_weights
+from .communicator import EplbCommunicator, check_expert, check_rank, check_row_tensors
 
 
 class TorchCommunicator(EplbCommunicator):
     """Sends and receives expert rows with ``batch_isend_irecv``.
 
-    Messages between a pair of ranks are ordered by expert id on both sides, so
-    sender and receiver agree without any extra handshake. A baseline: a dead
-    peer makes it wait for torch.distributed's own timeout (gloo/NCCL), and it
-    has no ``verify`` option.
+    Messages between a pair of ranks are ordered by expert id on both sides,
+    so sender and receiver agree without any extra handshake. A baseline: a
+    dead peer makes it wait for torch.distributed's own timeout, and it has
+    no ``verify`` option.
+
+    At set-up it learns which ranks share a node (same kernel boot id and
+    PID namespace, like the NIXL communicator), so the driver prefers
+    same-node sources: ``node_of_rank``. With ``expert_weights`` and
+    ``expert_buffer`` (as vLLM's factory passes them) it also knows the layer
+    count and slot count, and ``set_transfer_context`` checks against them.
     """
 
-    def __init__(self, group: dist.ProcessGroup | None = None) -> None:
+    def __init__(
+        self,
+        group: dist.ProcessGroup | None = None,
+        expert_weights: Sequence[Sequence[torch.Tensor]] | None = None,
+        expert_buffer: Sequence[torch.Tensor] | None = None,
+        *,
+        node_of_rank: Sequence[int] | None = None,
+    ) -> None:
         super().__init__(group)
+        self._num_layers: int | None = None
+        self._num_slots: int | None = None
+        self._row_bytes: list[int] | None = None
+        if expert_weights is not None or expert_buffer is not None:
+            if expert_weights is None or expert_buffer is None:
+                raise ValueError(
+                    "expert_weights: pass both expert_weights and expert_buffer, or neither"
+                )
+            n_local, _dev = validate_weights(expert_weights, expert_buffer)
+            self._num_layers = len(expert_weights)
+            self._num_slots = n_local * self.world_size
+            self._row_bytes = [b[0].numel() * b.element_size() for b in expert_buffer]
+        if node_of_rank is not None:
+            nodes = [check_rank(n, "node_of_rank", 1 << 31) for n in node_of_rank]
+            if len(nodes) != self.world_size:
+                raise ValueError(f"node_of_rank: {len(nodes)} entries for {self.world_size} ranks")
+            self.node_of_rank: list[int] = nodes
+        else:
+            keys: list[Any] = [None] * self.world_size
+            dist.all_gather_object(keys, _core.local_node_key(), group=group)
+            self.node_of_rank = list(_core.node_ids([str(k) for k in keys]))
         self._sends: list[tuple[int, int, list[torch.Tensor]]] = []
         self._recvs: list[tuple[int, int, list[torch.Tensor]]] = []
+
+    def num_layers_or_none(self) -> int | None:
+        return self._num_layers
+
+    def num_slots_or_none(self) -> int | None:
+        return self._num_slots
 
     def _peer(self, rank: int) -> int:
         return dist.get_global_rank(self.group, rank) if self.group is not None else rank
 
+    def _rows(self, tensors: Any, receive: bool) -> list[torch.Tensor]:
+        if self._row_bytes is not None:
+            return check_row_tensors(tensors, "tensors", self._row_bytes, receive=receive)
+        ts = list(tensors)
+        for i, t in enumerate(ts):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"tensors[{i}]: expected a torch.Tensor, got {type(t).__name__}")
+            if receive and not t.is_contiguous():
+                raise ValueError(f"tensors[{i}]: receive targets must be contiguous tensors")
+        return ts
+
     def add_send(self, tensors: Sequence[torch.Tensor], dst_rank: int, expert_id: int) -> None:
         self._check_open("add_send")
         dst = check_rank(dst_rank, "dst_rank", self.world_size)
-        self._sends.append((dst, check_expert(expert_id), _contiguous(tensors, "tensors")))
+        rows = [t if t.is_contiguous() else t.contiguous() for t in self._rows(tensors, False)]
+        self._sends.append((dst, check_expert(expert_id), rows))
 
     def add_recv(self, tensors: Sequence[torch.Tensor], src_rank: int, expert_id: int) -> None:
         self._check_open("add_recv")
         src = check_rank(src_rank, "src_rank", self.world_size)
-        ts = list(tensors)
-        for i, t in enumerate(ts):
-            if not isinstance(t, torch.Tensor) or not t.is_contiguous():
-                raise ValueError(f"tensors[{i}]: receive targets must be contiguous tensors")
-        self._recvs.append((src, check_expert(expert_id), ts))
+        self._recvs.append((src, check_expert(expert_id), self._rows(tensors, True)))
 
     def execute(self, old_indices: Any = None) -> None:
         self._check_open("execute")
@@ -59,18 +109,10 @@ class TorchCommunicator(EplbCommunicator):
         for src, _e, ts in recvs:
             if src != self.rank:
                 ops.extend(dist.P2POp(dist.irecv, t, self._peer(src), self.group) for t in ts)
-        for dst_ts, src_ts in local:
-            for d, s in zip(dst_ts, src_ts):
-                d.copy_(s)
-        if ops:
-            for req in dist.batch_isend_irecv(ops):
-                req.wait()
-
-
-def _contiguous(tensors: Sequence[torch.Tensor], name: str) -> list[torch.Tensor]:
-    out = []
-    for i, t in enumerate(tensors):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name}[{i}]: expected a torch.Tensor, got {type(t).__name__}")
-        out.append(t if t.is_contiguous() else t.contiguous())
-    return out
+        with stream_context(self._stream):
+            for dst_ts, src_ts in local:
+                for d, s in zip(dst_ts, src_ts):
+                    d.copy_(s)
+            if ops:
+                for req in dist.batch_isend_irecv(ops):
+                    req.wait()

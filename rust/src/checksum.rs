@@ -44,11 +44,15 @@ pub fn mix(h: u64, v: u64) -> u64 {
     z ^ (z >> 31)
 }
 
+/// Checksum of one expert from its rows' parts (see [`row_parts`]), in order.
+pub fn fold_parts(rows: impl IntoIterator<Item = [u64; 3]>) -> u64 {
+    rows.into_iter()
+        .fold(SEED, |h, p| p.iter().fold(h, |h, &v| mix(h, v)))
+}
+
 /// Checksum of one expert given as its rows' bytes (one slice per tensor).
 pub fn expert_checksum<'a>(rows: impl IntoIterator<Item = &'a [u8]>) -> u64 {
-    rows.into_iter().fold(SEED, |h, row| {
-        row_parts(row).iter().fold(h, |h, &v| mix(h, v))
-    })
+    fold_parts(rows.into_iter().map(row_parts))
 }
 
 #[cfg(test)]

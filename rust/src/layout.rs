@@ -82,6 +82,12 @@ pub enum LayoutError {
         layer: Option<usize>,
         tensor: usize,
     },
+    /// Two distinct rows share bytes (aliased tensors or layers, or a buffer
+    /// that overlaps the weights).
+    Aliased {
+        first: String,
+        second: String,
+    },
     Blob(String),
 }
 
@@ -111,6 +117,10 @@ impl fmt::Display for LayoutError {
             LayoutError::Overflow { layer, tensor } => {
                 write!(f, "tensor {tensor} of layer {layer:?}: address range overflows")
             }
+            LayoutError::Aliased { first, second } => write!(
+                f,
+                "{second}: shares memory with {first}; every layer, tensor and the buffer must be separate memory"
+            ),
             LayoutError::Blob(m) => write!(f, "peer layout blob: {m}"),
         }
     }
@@ -175,6 +185,90 @@ impl RankLayout {
             }
         }
         Ok(())
+    }
+
+    /// Every row of every tensor (weights, buffer, packed slots) as
+    /// `(start, end, name)`: the unit of the aliasing check.
+    fn row_spans(&self) -> Vec<(u64, u64, RowName)> {
+        let n = self.n_local;
+        let mut v = Vec::with_capacity((self.weights.len() + 1) * self.buffer.len() * n + n);
+        for (l, layer) in self.weights.iter().enumerate() {
+            for (t, rows) in layer.iter().enumerate() {
+                for r in 0..n {
+                    let a = rows.row_addr(r);
+                    v.push((a, a + rows.row_bytes, RowName::Weight(l, t, r)));
+                }
+            }
+        }
+        for (t, rows) in self.buffer.iter().enumerate() {
+            for r in 0..n {
+                let a = rows.row_addr(r);
+                v.push((a, a + rows.row_bytes, RowName::Buffer(t, r)));
+            }
+        }
+        if let Some(p) = &self.packed {
+            let span = p.slot_bytes.saturating_mul(n as u64);
+            v.push((p.base, p.base.saturating_add(span), RowName::Packed));
+        }
+        v
+    }
+
+    /// Checks that no two rows share a byte: aliased tensors, a layer listed
+    /// twice, or a buffer overlapping the weights would make a rebalance
+    /// overwrite bytes it still has to read. `O(rows log rows)`; call after
+    /// [`RankLayout::validate`] (which rules out address overflow).
+    pub fn check_aliasing(&self) -> Result<(), LayoutError> {
+        let mut spans = self.row_spans();
+        spans.retain(|s| s.1 > s.0);
+        spans.sort_unstable_by_key(|s| (s.0, s.1));
+        let mut reach: Option<(u64, RowName)> = None;
+        for &(a, b, name) in &spans {
+            if let Some((end, prev)) = reach {
+                if a < end {
+                    return Err(LayoutError::Aliased {
+                        first: prev.to_string(),
+                        second: name.to_string(),
+                    });
+                }
+            }
+            if reach.map_or(true, |(end, _)| b > end) {
+                reach = Some((b, name));
+            }
+        }
+        Ok(())
+    }
+
+    /// The memory to register with NIXL: the spans of every tensor, merged
+    /// where they touch or overlap (a region is registered once, however
+    /// many tensors share it).
+    pub fn registration_regions(&self, with_weights: bool) -> Vec<(u64, u64)> {
+        let n = self.n_local;
+        let mut spans: Vec<(u64, u64)> = Vec::new();
+        let mut add = |t: &TensorRows| {
+            let len = t.span(n);
+            if len > 0 {
+                spans.push((t.base, t.base + len));
+            }
+        };
+        self.buffer.iter().for_each(&mut add);
+        if with_weights {
+            self.weights.iter().flatten().for_each(&mut add);
+        }
+        if let Some(p) = &self.packed {
+            let len = p.slot_bytes.saturating_mul(n as u64);
+            if len > 0 {
+                spans.push((p.base, p.base + len));
+            }
+        }
+        spans.sort_unstable();
+        let mut merged: Vec<(u64, u64)> = Vec::with_capacity(spans.len());
+        for (a, b) in spans {
+            match merged.last_mut() {
+                Some(last) if a <= last.1 => last.1 = last.1.max(b),
+                _ => merged.push((a, b)),
+            }
+        }
+        merged.into_iter().map(|(a, b)| (a, b - a)).collect()
     }
 
     /// Serialises to the blob exchanged at set-up.
@@ -277,6 +371,24 @@ impl RankLayout {
     }
 }
 
+/// Names a row for error messages, in the caller's terms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RowName {
+    Weight(usize, usize, usize),
+    Buffer(usize, usize),
+    Packed,
+}
+
+impl fmt::Display for RowName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RowName::Weight(l, t, r) => write!(f, "expert_weights[{l}][{t}] (row {r})"),
+            RowName::Buffer(t, r) => write!(f, "expert_buffer[{t}] (row {r})"),
+            RowName::Packed => write!(f, "the staged send layer"),
+        }
+    }
+}
+
 const BLOB_MAGIC: u64 = 0x5846_5842_4c50_4501; // "EPLBXFX" + 1
 const BLOB_VERSION: u64 = 1;
 
@@ -357,6 +469,46 @@ mod tests {
         l.weights[1][0].row_stride = 8;
         let e = l.validate().unwrap_err();
         assert!(e.to_string().contains("expert_weights[1][0]"), "{e}");
+    }
+
+    #[test]
+    fn aliasing_is_found_and_regions_merge() {
+        let l = sample();
+        l.check_aliasing().unwrap();
+        let mut shared = sample();
+        shared.weights[1][0] = shared.weights[0][0]; // one tensor in two layers
+        let e = shared.check_aliasing().unwrap_err().to_string();
+        assert!(
+            e.contains("expert_weights[0][0]") && e.contains("expert_weights[1][0]"),
+            "{e}"
+        );
+        let mut buf = sample();
+        buf.buffer[1].base = 2004; // the buffer overlaps a weight row
+        assert!(buf.check_aliasing().is_err());
+        // interleaved rows of two tensors in one allocation are fine
+        let mut inter = sample();
+        inter.weights[0][0] = TensorRows {
+            base: 100,
+            row_stride: 20,
+            row_bytes: 16,
+        };
+        inter.weights[0][1] = TensorRows {
+            base: 116,
+            row_stride: 20,
+            row_bytes: 4,
+        };
+        inter.check_aliasing().unwrap();
+        let regions = inter.registration_regions(true);
+        assert!(regions.contains(&(100, 60)), "{regions:?}");
+        let twice = sample();
+        let mut dup = twice.clone();
+        dup.weights[1] = dup.weights[0].clone();
+        // a repeated region is registered once
+        let r = dup.registration_regions(true);
+        let mut sorted = r.clone();
+        sorted.dedup();
+        assert_eq!(r, sorted);
+        assert!(r.windows(2).all(|w| w[0].0 + w[0].1 < w[1].0));
     }
 
     #[test]

@@ -107,6 +107,10 @@ pub struct TransferPlan {
     pub ep_size: usize,
     pub n_local: usize,
     pub layers: Vec<LayerPlan>,
+    /// Hash of everything the plan was computed from (placements, ranks,
+    /// nodes): ranks that exchange it before moving bytes catch any
+    /// disagreement about what to move.
+    pub fingerprint: u64,
 }
 
 impl TransferPlan {
@@ -303,6 +307,7 @@ pub fn plan_rebalance(
             ep_size,
             n_local,
             layers: Vec::new(),
+            fingerprint: plan_fingerprint(old, new, num_slots, ep_size, node_of_rank),
         });
     }
     let mut scratch = Scratch::new(num_slots, ep_size, max_id);
@@ -320,7 +325,33 @@ pub fn plan_rebalance(
         ep_size,
         n_local,
         layers,
+        fingerprint: plan_fingerprint(old, new, num_slots, ep_size, node_of_rank),
     })
+}
+
+/// The fingerprint of a plan's inputs (see [`TransferPlan::fingerprint`]).
+pub fn plan_fingerprint(
+    old: &[i64],
+    new: &[i64],
+    num_slots: usize,
+    ep_size: usize,
+    node_of_rank: Option<&[usize]>,
+) -> u64 {
+    use crate::checksum::mix;
+    let mut h = mix(0x504C_414E, num_slots as u64);
+    h = mix(h, ep_size as u64);
+    for &v in old.iter().chain(new) {
+        h = mix(h, v as u64);
+    }
+    for &n in node_of_rank.unwrap_or(&[]) {
+        h = mix(h, n as u64 ^ 0x4E4F_4445);
+    }
+    h
+}
+
+/// Fingerprint of one exchange of a plan: the plan's and the layer's.
+pub fn layer_fingerprint(plan_fingerprint: u64, layer: usize) -> u64 {
+    crate::checksum::mix(plan_fingerprint, layer as u64 ^ 0x4C41_5945_5200_0000)
 }
 
 /// Checks that every value is >= -1 and returns the largest one (-1 if none).

@@ -25,7 +25,7 @@ impl Rng {
 
 fn valid(rng: &mut Rng, world: u32) -> Msg {
     let seq = rng.below(5);
-    match rng.below(5) {
+    match rng.below(6) {
         0 => Msg::Ready(Ready {
             seq,
             label: rng.below(60) as u32,
@@ -38,6 +38,7 @@ fn valid(rng: &mut Rng, world: u32) -> Msg {
         1 => Msg::Done { seq },
         2 => Msg::Wrote { seq },
         3 => Msg::Bye { seq },
+        4 => Msg::ByeAck { seq },
         _ => {
             let mut k = Knowledge::new(world);
             k.committed = rng.below(2) == 0;

@@ -58,6 +58,13 @@ pub struct XferReq {
 // used from one thread at a time (it sits behind a Mutex).
 unsafe impl Send for XferReq {}
 
+/// Direction of a transfer request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum XferOp {
+    Read,
+    Write,
+}
+
 /// State of a transfer request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum XferState {
@@ -75,6 +82,11 @@ pub struct Agent {
     notif_map: ffi::NotifMap,
     registrations: Vec<ffi::RegDlist>,
     prepared: Vec<ffi::DlistHandle>,
+    /// Peers whose metadata is loaded (forgotten before teardown).
+    remotes: Vec<String>,
+    /// The process that created the agent: a forked child never tears it
+    /// down (the UCX state it would free belongs to the parent).
+    owner_pid: u32,
     requests_created: Cell<u64>,
     requests_released: Cell<u64>,
     notifications_sent: Cell<u64>,
@@ -122,35 +134,24 @@ fn cstring(s: &str, what: &'static str) -> Result<CString, NixlError> {
 }
 
 impl Agent {
-    /// Creates an agent named `name` with a UCX backend.
-    pub fn new(
-        api: Arc<Api>,
-        name: &str,
-        mem: MemKind,
-        dev_id: u64,
-        progress_thread: bool,
-    ) -> Result<Agent, NixlError> {
+    /// Creates an agent named `name` with a UCX backend. NIXL's progress
+    /// thread is off: the transport's worker thread drives UCX, so a
+    /// notification is seen as soon as it lands and no thread competes for
+    /// the core.
+    pub fn new(api: Arc<Api>, name: &str, mem: MemKind, dev_id: u64) -> Result<Agent, NixlError> {
         let cname = cstring(name, "agent name")?;
         let mut raw: ffi::Agent = ptr::null_mut();
-        let status = if progress_thread {
-            // SAFETY: valid C string and out-pointer.
-            unsafe { (api.create_agent)(cname.as_ptr(), &mut raw) }
-        } else {
-            // Without NIXL's progress thread, our own polling drives UCX: a
-            // notification is seen as soon as it lands, not at the thread's
-            // next wake-up, and no thread competes for the core.
-            let cfg = ffi::AgentConfig {
-                enable_prog_thread: false,
-                enable_listen_thread: false,
-                listen_port: 0,
-                thread_sync: 0,
-                pthr_delay_us: 0,
-                lthr_delay_us: 0,
-                capture_telemetry: false,
-            };
-            // SAFETY: valid C string, config and out-pointer.
-            unsafe { (api.create_configured_agent)(cname.as_ptr(), &cfg, &mut raw) }
+        let cfg = ffi::AgentConfig {
+            enable_prog_thread: false,
+            enable_listen_thread: false,
+            listen_port: 0,
+            thread_sync: 0,
+            pthr_delay_us: 0,
+            lthr_delay_us: 0,
+            capture_telemetry: false,
         };
+        // SAFETY: valid C string, config and out-pointer.
+        let status = unsafe { (api.create_configured_agent)(cname.as_ptr(), &cfg, &mut raw) };
         check(status, "create_agent")?;
         let mut agent = Agent {
             api,
@@ -162,6 +163,8 @@ impl Agent {
             notif_map: ptr::null_mut(),
             registrations: Vec::new(),
             prepared: Vec::new(),
+            remotes: Vec::new(),
+            owner_pid: std::process::id(),
             requests_created: Cell::new(0),
             requests_released: Cell::new(0),
             notifications_sent: Cell::new(0),
@@ -212,7 +215,7 @@ impl Agent {
     /// Handle and message counts (for leak checks).
     pub fn counters(&self) -> AgentCounters {
         AgentCounters {
-            prepared_lists_live: self.prepared.len() as u64,
+            prepared_lists_live: self.prepared.iter().filter(|h| !h.is_null()).count() as u64,
             requests_created: self.requests_created.get(),
             requests_released: self.requests_released.get(),
             notifications_sent: self.notifications_sent.get(),
@@ -310,7 +313,7 @@ impl Agent {
     }
 
     /// Loads a peer's metadata; returns the peer's agent name.
-    pub fn load_remote(&self, md: &[u8]) -> Result<String, NixlError> {
+    pub fn load_remote(&mut self, md: &[u8]) -> Result<String, NixlError> {
         if md.is_empty() {
             return Err(NixlError::Protocol("empty peer metadata".into()));
         }
@@ -333,25 +336,19 @@ impl Agent {
             .into_owned();
         // SAFETY: strdup'ed by the C API.
         unsafe { ffi::free_c(name as *mut c_void) };
+        if !self.remotes.contains(&s) {
+            self.remotes.push(s.clone());
+        }
         Ok(s)
     }
 
-    /// Forgets a peer's metadata (best effort, used on close).
-    pub fn invalidate_remote(&self, peer: &str) {
+    /// Forgets a peer's metadata and closes its connection (best effort).
+    pub fn invalidate_remote(&mut self, peer: &str) {
         if let Ok(c) = CString::new(peer) {
             // SAFETY: live agent, valid C string.
             let _ = unsafe { (self.api.invalidate_remote_md)(self.raw, c.as_ptr()) };
         }
-    }
-
-    /// Opens the connection to a peer ahead of the first transfer.
-    pub fn connect(&self, peer: &str) -> Result<(), NixlError> {
-        let c = cstring(peer, "peer agent name")?;
-        // SAFETY: live agent, valid C string.
-        check(
-            unsafe { (self.api.agent_make_connection)(self.raw, c.as_ptr(), ptr::null_mut()) },
-            "make_connection",
-        )
+        self.remotes.retain(|r| r != peer);
     }
 
     /// Prepares a descriptor list on `owner` (`None` = this agent's memory).
@@ -406,17 +403,23 @@ impl Agent {
         self.prepared
             .get(list.slot)
             .copied()
+            .filter(|h| !h.is_null())
             .ok_or_else(|| NixlError::Protocol(format!("unknown prepared list {}", list.slot)))
     }
 
-    /// Builds and posts a READ of `remote[remote_idx]` into `local[local_idx]`.
-    /// Returns the request and whether it already completed.
-    pub fn post_read(
+    /// Builds and posts one request: READ `remote[remote_idx]` into
+    /// `local[local_idx]`, or WRITE `local[local_idx]` into
+    /// `remote[remote_idx]`, with an optional notification that NIXL delivers
+    /// to the remote agent once the data landed. Returns the request and
+    /// whether it already completed.
+    pub fn post(
         &self,
+        op: XferOp,
         local: PreparedList,
         local_idx: &[c_int],
         remote: PreparedList,
         remote_idx: &[c_int],
+        notify: Option<&[u8]>,
     ) -> Result<(XferReq, XferState), NixlError> {
         if local_idx.len() != remote_idx.len() {
             return Err(NixlError::Protocol(format!(
@@ -441,12 +444,39 @@ impl Agent {
         }
         let (lh, rh) = (self.handle(local)?, self.handle(remote)?);
         let opt = self.backend_opt_args()?;
+        if let Some(msg) = notify {
+            // SAFETY: live opt args; the message is copied by NIXL.
+            let st = unsafe {
+                let a = (self.api.opt_args_set_notif_msg)(
+                    opt,
+                    msg.as_ptr() as *const c_void,
+                    msg.len(),
+                );
+                if a == ffi::SUCCESS {
+                    (self.api.opt_args_set_has_notif)(opt, true)
+                } else {
+                    a
+                }
+            };
+            if st != ffi::SUCCESS {
+                // SAFETY: created above.
+                unsafe { (self.api.destroy_opt_args)(opt) };
+                return Err(NixlError::Call {
+                    what: "opt_args_set_notif_msg",
+                    status: st,
+                });
+            }
+        }
         let mut raw: ffi::XferReq = ptr::null_mut();
+        let op_raw = match op {
+            XferOp::Read => ffi::OP_READ,
+            XferOp::Write => ffi::OP_WRITE,
+        };
         // SAFETY: handles are live prepared lists; indices validated above.
         let st = unsafe {
             (self.api.make_xfer_req)(
                 self.raw,
-                ffi::OP_READ,
+                op_raw,
                 lh,
                 local_idx.as_ptr(),
                 local_idx.len(),
@@ -480,6 +510,18 @@ impl Agent {
                     what: "post_xfer_req",
                     status: s,
                 })
+            }
+        }
+    }
+
+    /// Releases a prepared list built with [`Agent::prepare`] (e.g. a set-up
+    /// probe); its slot is never reused.
+    pub fn release_list(&mut self, list: PreparedList) {
+        if let Some(h) = self.prepared.get_mut(list.slot) {
+            if !h.is_null() {
+                // SAFETY: a live handle of this agent, released once.
+                unsafe { (self.api.release_xfer_dlist_handle)(self.raw, *h) };
+                *h = ptr::null_mut();
             }
         }
     }
@@ -587,12 +629,40 @@ impl Agent {
 }
 
 impl Drop for Agent {
+    /// Teardown in the order UCX needs: prepared lists go first, then every
+    /// peer connection is closed and the worker progressed (requests still
+    /// queued on a dead endpoint are purged while the memory they reference
+    /// is still registered), then memory is deregistered, then the agent goes.
     fn drop(&mut self) {
+        if std::process::id() != self.owner_pid {
+            // A forked child: leave the parent's agent alone (leak our copy).
+            self.prepared.clear();
+            self.registrations.clear();
+            return;
+        }
         // SAFETY: every handle below was created by this agent and is released once.
         unsafe {
             for h in self.prepared.drain(..) {
-                (self.api.release_xfer_dlist_handle)(self.raw, h);
+                if !h.is_null() {
+                    (self.api.release_xfer_dlist_handle)(self.raw, h);
+                }
             }
+        }
+        for peer in std::mem::take(&mut self.remotes) {
+            if let Ok(c) = CString::new(peer) {
+                // SAFETY: live agent, valid C string.
+                let _ = unsafe { (self.api.invalidate_remote_md)(self.raw, c.as_ptr()) };
+            }
+        }
+        let mut sink = Vec::new();
+        for _ in 0..8 {
+            if self.drain_notifs(&mut sink).is_err() {
+                break;
+            }
+            sink.clear();
+        }
+        // SAFETY: as above.
+        unsafe {
             for d in std::mem::take(&mut self.registrations) {
                 let opt = self.backend_opt_args().unwrap_or(ptr::null_mut());
                 (self.api.deregister_mem)(self.raw, d, opt);

@@ -36,6 +36,7 @@ pub type NotifMap = *mut c_void;
 pub const MEM_DRAM: c_int = 0;
 pub const MEM_VRAM: c_int = 1;
 pub const OP_READ: c_int = 0;
+pub const OP_WRITE: c_int = 1;
 
 macro_rules! capi {
     ($( $field:ident : fn($($arg:ty),*) ; )*) => {
@@ -95,7 +96,6 @@ pub struct AgentConfig {
 }
 
 capi! {
-    create_agent: fn(*const c_char, *mut Agent);
     create_configured_agent: fn(*const c_char, *const AgentConfig, *mut Agent);
     destroy_agent: fn(Agent);
     get_plugin_params: fn(Agent, *const c_char, *mut MemList, *mut Params);
@@ -134,7 +134,6 @@ capi! {
     notif_map_get_notif: fn(NotifMap, *const c_char, usize, *mut *const c_void, *mut usize);
     notif_map_clear: fn(NotifMap);
     gen_notif: fn(Agent, *const c_char, *const c_void, usize, OptArgs);
-    agent_make_connection: fn(Agent, *const c_char, OptArgs);
 }
 
 extern "C" {

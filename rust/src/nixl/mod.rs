@@ -1,9 +1,11 @@
 //! NIXL, loaded at run time: the C API binding ([`ffi`]), a safe agent
-//! ([`agent`]), and the per-layer transfer protocol ([`engine`]).
+//! ([`agent`]), node detection and per-pair choices ([`topology`]), and the
+//! transport that drives the protocol state machine over NIXL ([`transport`]).
 
 pub mod agent;
-pub mod engine;
 pub mod ffi;
+pub mod topology;
+pub mod transport;
 
 use std::collections::HashMap;
 use std::fmt;

@@ -99,6 +99,8 @@ pub struct Knowledge {
     pub done: RankSet,
     /// Ranks that did not answer a round of the agreement.
     pub dead: RankSet,
+    /// Ranks that closed their communicator (said BYE): gone, but not failed.
+    pub left: RankSet,
     /// `reports[r]`: rank r's own report (only r writes it).
     pub reports: Vec<Option<Report>>,
 }
@@ -135,6 +137,7 @@ impl Knowledge {
             committed: false,
             done: RankSet::new(world),
             dead: RankSet::new(world),
+            left: RankSet::new(world),
             reports: vec![None; world as usize],
         }
     }
@@ -148,6 +151,7 @@ impl Knowledge {
         self.committed |= other.committed;
         self.done.union_with(&other.done);
         self.dead.union_with(&other.dead);
+        self.left.union_with(&other.left);
         for (mine, theirs) in self.reports.iter_mut().zip(&other.reports) {
             if mine.is_none() {
                 mine.clone_from(theirs);
@@ -156,7 +160,7 @@ impl Knowledge {
     }
 
     /// The deterministic outcome (see [`Verdict`]). Culprit order: the lowest
-    /// rank that stopped answering; else the lowest rank named by a verdict;
+    /// rank that stopped answering without saying goodbye; else the lowest rank named by a verdict;
     /// else the lowest rank whose fingerprint differs from the plurality's;
     /// else the lowest rank that never began; else the end of the lowest
     /// waiting chain; else the lowest rank named by a transport failure.
@@ -172,7 +176,7 @@ impl Knowledge {
     }
 
     fn culprit(&self) -> (u32, Blame) {
-        if let Some(d) = self.dead.min() {
+        if let Some(d) = self.dead.iter().find(|&r| !self.left.contains(r)) {
             return (d, Blame::Dead);
         }
         let reports = || {
@@ -211,6 +215,9 @@ impl Knowledge {
             .min()
         {
             return (c, Blame::Transport);
+        }
+        if let Some(l) = self.left.min() {
+            return (l, Blame::Verdict(AbortCode::Closed));
         }
         (0, Blame::Transport)
     }

@@ -221,6 +221,8 @@ pub struct Session {
     /// agreement to decide (its culprit takes precedence).
     deferred: Option<(u64, u32, Failure)>,
     left: RankSet,
+    /// Peers that confirmed our goodbye, with their last committed exchange.
+    acked: BTreeMap<u32, u64>,
     closed: bool,
     next_id: u64,
     out: VecDeque<Output>,
@@ -261,6 +263,7 @@ impl Session {
             failed: None,
             deferred: None,
             left: RankSet::new(world),
+            acked: BTreeMap::new(),
             closed: false,
             next_id: 1,
             out: VecDeque::new(),
@@ -286,14 +289,22 @@ impl Session {
     pub fn pending_failure(&self) -> Option<&Failure> {
         self.pending.as_ref()
     }
-    /// Peers known dead or gone (agreements' `dead`, BYE).
-    pub fn gone_peers(&self) -> RankSet {
-        let mut s = self.left.clone();
+    /// Peers an agreement found dead (they stopped answering).
+    pub fn failed_peers(&self) -> RankSet {
+        let mut s = RankSet::new(self.cfg.world);
         for a in self.agreements.values() {
             if let Some(k) = &a.decided {
                 s.union_with(&k.dead);
             }
         }
+        s.remove(self.cfg.rank);
+        s
+    }
+
+    /// Peers known dead or gone (agreements' `dead`, BYE).
+    pub fn gone_peers(&self) -> RankSet {
+        let mut s = self.failed_peers();
+        s.union_with(&self.left);
         s
     }
     /// Buffered state (bounded; for leak checks).
@@ -492,6 +503,22 @@ impl Session {
         }
     }
 
+    /// After [`Session::close`]: every agreement decided and every peer still
+    /// there confirmed it has all this rank sent (so nothing is lost when the
+    /// transport goes away).
+    pub fn close_settled(&self) -> bool {
+        if !self.closed {
+            return false;
+        }
+        if self.agreements.values().any(|a| a.decided.is_none()) {
+            return false;
+        }
+        let gone = self.gone_peers();
+        (0..self.cfg.world)
+            .filter(|&p| p != self.cfg.rank && !gone.contains(p))
+            .all(|p| self.acked.contains_key(&p))
+    }
+
     // ---- events --------------------------------------------------------------
 
     /// A peer's message. Anything malformed or out of place is ignored.
@@ -513,9 +540,18 @@ impl Session {
             self.on_resolve(now, from, r);
             return;
         }
-        if let Msg::Bye { .. } = msg {
-            self.left.insert(from);
-            return;
+        match msg {
+            Msg::Bye { .. } => {
+                self.left.insert(from);
+                let seq = self.committed;
+                self.send(from, Msg::ByeAck { seq });
+                return;
+            }
+            Msg::ByeAck { seq } => {
+                self.acked.insert(from, seq);
+                return;
+            }
+            _ => {}
         }
         // A message of a later exchange proves the sender committed ours.
         if let Some(c) = self.cur.as_mut() {
@@ -813,7 +849,8 @@ impl Session {
         let me = self.cfg.rank;
         let mut k = Knowledge::new(world);
         for p in self.left.iter() {
-            k.dead.insert(p); // said BYE: will never answer
+            k.dead.insert(p); // said BYE: will never answer (not waited for)
+            k.left.insert(p);
         }
         match &self.cur {
             Some(c) if c.seq == seq => {

@@ -21,6 +21,7 @@ const KIND_DONE: u8 = b'D';
 const KIND_WROTE: u8 = b'W';
 const KIND_RESOLVE: u8 = b'A';
 const KIND_BYE: u8 = b'B';
+const KIND_BYE_ACK: u8 = b'K';
 
 /// A rank entered exchange `seq`; sent to each peer with that peer's part.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -60,8 +61,14 @@ pub enum Msg {
         seq: u64,
     },
     Resolve(Resolve),
-    /// The sender is closing its communicator.
+    /// The sender is closing its communicator; `seq`: its last exchange.
     Bye {
+        seq: u64,
+    },
+    /// Answer to a BYE: everything up to `seq` (the last exchange committed
+    /// here) arrived. Messages between a pair arrive in order, so the closing
+    /// rank knows its last DONE was delivered.
+    ByeAck {
         seq: u64,
     },
 }
@@ -102,7 +109,7 @@ impl Msg {
     pub fn seq(&self) -> u64 {
         match self {
             Msg::Ready(r) => r.seq,
-            Msg::Done { seq } | Msg::Wrote { seq } | Msg::Bye { seq } => *seq,
+            Msg::Done { seq } | Msg::Wrote { seq } | Msg::Bye { seq } | Msg::ByeAck { seq } => *seq,
             Msg::Resolve(r) => r.seq,
         }
     }
@@ -115,6 +122,7 @@ impl Msg {
             Msg::Wrote { seq } => (KIND_WROTE, *seq),
             Msg::Resolve(r) => (KIND_RESOLVE, r.seq),
             Msg::Bye { seq } => (KIND_BYE, *seq),
+            Msg::ByeAck { seq } => (KIND_BYE_ACK, *seq),
         };
         let mut out = Vec::with_capacity(HEADER_LEN + 32);
         out.extend_from_slice(MAGIC);
@@ -138,7 +146,7 @@ impl Msg {
                 out.push(u8::from(r.decided));
                 encode_knowledge(&mut out, &r.knowledge);
             }
-            Msg::Done { .. } | Msg::Wrote { .. } | Msg::Bye { .. } => {}
+            Msg::Done { .. } | Msg::Wrote { .. } | Msg::Bye { .. } | Msg::ByeAck { .. } => {}
         }
         out
     }
@@ -177,6 +185,7 @@ impl Msg {
             KIND_DONE => Msg::Done { seq },
             KIND_WROTE => Msg::Wrote { seq },
             KIND_BYE => Msg::Bye { seq },
+            KIND_BYE_ACK => Msg::ByeAck { seq },
             KIND_RESOLVE => {
                 let round = r.u32()?;
                 let decided = match r.u8()? {
@@ -217,6 +226,7 @@ fn encode_knowledge(out: &mut Vec<u8>, k: &Knowledge) {
     out.push(u8::from(k.committed));
     out.extend_from_slice(&k.done.to_bytes());
     out.extend_from_slice(&k.dead.to_bytes());
+    out.extend_from_slice(&k.left.to_bytes());
     let reports: Vec<(u32, &Report)> = k
         .reports
         .iter()
@@ -266,11 +276,13 @@ fn decode_knowledge(r: &mut Reader<'_>, world: u32) -> Result<Knowledge, WireErr
     let nb = (world as usize).div_ceil(8);
     let done = RankSet::from_bytes(world, r.take(nb)?).ok_or(WireError::Field("done set"))?;
     let dead = RankSet::from_bytes(world, r.take(nb)?).ok_or(WireError::Field("dead set"))?;
+    let left = RankSet::from_bytes(world, r.take(nb)?).ok_or(WireError::Field("left set"))?;
     let n = r.count(REPORT_LEN)?;
     let mut k = Knowledge {
         committed,
         done,
         dead,
+        left,
         reports: vec![None; world as usize],
     };
     let rank_ok = |x: u32| {
@@ -405,6 +417,7 @@ mod tests {
             Msg::Done { seq: 1 },
             Msg::Wrote { seq: u64::MAX },
             Msg::Bye { seq: 0 },
+            Msg::ByeAck { seq: 3 },
             Msg::Resolve(Resolve {
                 seq: 7,
                 round: 2,

@@ -1,8 +1,6 @@
-"""Scenario helpers shared by the demo, benchmarks and tests.
-
-Placements with redundant replicas and empty slots, expert rows whose bytes
-identify (layer, tensor, expert), and a byte-exact check of a rebalance.
-"""
+"""The demo's scenarios: placements with redundant replicas and empty
+slots, expert rows whose bytes identify (layer, tensor, expert), and a
+byte-exact check of a rebalance (also used by the benchmarks)."""
 
 from __future__ import annotations
 
@@ -157,90 +155,3 @@ def unchanged_layers(
         for li, (layer, saved) in enumerate(zip(weights, snap))
         if all(torch.equal(_bytes(t), s) for t, s in zip(layer, saved))
     ]
-
-
-def rss_bytes() -> int:
-    """Resident set size of this process (Linux ``/proc/self/statm``; 0 elsewhere)."""
-    import os
-
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return 0
-
-
-def soak_rank(
-    rank: int,
-    world: int,
-    mode: str,
-    rounds: int,
-    *,
-    check_every: int = 1,
-    warmup: int = 20,
-    verify_checksums: bool = False,
-    seed: int = 2024,
-) -> dict[str, object]:
-    """``rounds`` consecutive rebalances through one NixlCommunicator (run on
-    every rank of a group), each to a fresh random placement.
-
-    Every ``check_every``-th result is checked byte for byte. Returns the
-    mismatches, RSS after ``warmup`` rounds and at the end, and after every
-    round the NIXL counters that must not grow: live requests, live prepared
-    lists, buffered messages.
-    """
-    import time
-
-    import eplb_xfer
-
-    specs = [
-        TensorSpec("w13", torch.uint8, (16, 24)),
-        TensorSpec("s13", torch.float32, (2, 3)),
-        TensorSpec("w2", torch.uint8, (24, 8)),
-        TensorSpec("s2", torch.float32, (3, 1)),
-    ]
-    rng = np.random.default_rng(seed)
-    n_local, num_layers = 4, 3
-    num_slots = world * n_local
-    num_experts = num_slots - world
-    first = random_placement(rng, num_layers, num_experts, num_slots, 0)
-    weights, buffer = build_weights(specs, first, rank, world, num_experts, seed)
-    comm = eplb_xfer.NixlCommunicator(
-        None, weights, buffer, mode=mode, timeout_s=30.0, verify=verify_checksums
-    )
-    errors: list[str] = []
-    requests_live: set[int] = set()
-    lists_live: set[int] = set()
-    inbox_max = 0
-    rss_warm = 0
-    cur = first
-    t0 = time.perf_counter()
-    t_warm = t0
-    for i in range(rounds):
-        nxt = random_placement(rng, num_layers, num_experts, num_slots, 0)
-        eplb_xfer.rearrange_expert_weights_inplace(cur, nxt, weights, buffer, None, comm)
-        if (i + 1) % check_every == 0 or i == rounds - 1:
-            errors += verify(specs, weights, first, nxt, rank, world, num_experts, seed)[:3]
-        c = comm.counters
-        requests_live.add(int(c["requests_live"]))  # type: ignore[call-overload]
-        lists_live.add(int(c["prepared_lists_live"]))  # type: ignore[call-overload]
-        inbox_max = max(inbox_max, int(c["inbox_entries"]))  # type: ignore[call-overload]
-        cur = nxt
-        if i + 1 == warmup:
-            rss_warm = rss_bytes()
-            t_warm = time.perf_counter()
-    seconds = time.perf_counter() - t0
-    counters = comm.counters
-    comm.close()
-    return {
-        "rounds": rounds,
-        "errors": errors,
-        "rss_after_warmup": rss_warm,
-        "rss_end": rss_bytes(),
-        "requests_live_seen": sorted(requests_live),
-        "prepared_lists_live_seen": sorted(lists_live),
-        "inbox_entries_max": inbox_max,
-        "counters_end": counters,
-        "seconds": seconds,
-        "seconds_after_warmup": time.perf_counter() - t_warm,
-    }

@@ -1,0 +1,1330 @@
+//! The NIXL transport: drives a [`Session`] with real time, NIXL
+//! notifications and NIXL transfers.
+//!
+//! Set-up ([`Endpoint`]) runs on the caller's thread: create the agent,
+//! register memory, exchange blobs (the caller all-gathers them), prepare
+//! descriptor lists once, decide each pair's direction and schedule, and
+//! probe every peer with a tiny transfer so a transport that cannot move
+//! bytes fails here, naming the UCX settings, and not in the middle of a
+//! rebalance.
+//!
+//! Then one worker thread per communicator owns the agent and the session
+//! for good ([`Transport`]). It never needs the GIL and always answers peers
+//! (agreement rounds, goodbyes), also between the caller's calls, so a rank
+//! that is alive is never mistaken for a dead one because its caller is busy
+//! elsewhere. The caller hands it jobs over a channel and waits on a reply.
+//! On host memory the worker also does a layer's row copies and verification
+//! itself, so a layer crosses the Python boundary once.
+
+use std::collections::HashMap;
+use std::ffi::c_int;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use super::agent::{Agent, MemKind, PreparedList, XferOp, XferReq, XferState};
+use super::ffi::Api;
+use super::topology::{self, DirectionChoice, RankFacts, Schedule, Topology};
+use super::NixlError;
+use crate::descriptors::{DescriptorSpace, Mode};
+use crate::layout::{RankLayout, TensorRows};
+use crate::protocol::{
+    AbortCode, Config as SessionConfig, Direction, Event, ExchangeSpec, Failure, Op, Output,
+    Session, Time, Transfer,
+};
+
+const BLOB_MAGIC: &[u8; 8] = b"EPXFPR02";
+/// Set-up notification: "my tests with every peer are done".
+const PROBED: &[u8] = b"EPXPROBED";
+
+/// Static settings of one rank's transport.
+#[derive(Debug, Clone)]
+pub struct TransportConfig {
+    pub rank: u32,
+    pub world: u32,
+    pub mode: Mode,
+    pub mem: MemKind,
+    pub device_id: u64,
+    pub timeout: Duration,
+    pub direction: DirectionChoice,
+    pub schedule: Schedule,
+}
+
+impl TransportConfig {
+    /// One agreement round: long enough for a live peer's worker to answer
+    /// under load, short next to the deadline.
+    pub fn round_timeout(&self) -> Duration {
+        (self.timeout / 2).clamp(Duration::from_millis(50), Duration::from_secs(1))
+    }
+}
+
+/// Set-up state, before the worker starts.
+pub struct Endpoint {
+    agent: Agent,
+    cfg: TransportConfig,
+    layout: RankLayout,
+    space: DescriptorSpace,
+    facts: RankFacts,
+}
+
+struct PeerBlob {
+    name: String,
+    md: Vec<u8>,
+    layout: RankLayout,
+    facts: RankFacts,
+    options: [u8; 3],
+}
+
+impl Endpoint {
+    /// Creates the agent and registers the layout's memory (each region once).
+    pub fn new(
+        api: Arc<Api>,
+        agent_name: &str,
+        cfg: TransportConfig,
+        layout: RankLayout,
+    ) -> Result<Endpoint, NixlError> {
+        if cfg.world == 0 || cfg.rank >= cfg.world {
+            return Err(NixlError::Input(format!(
+                "rank {} is outside world size {}",
+                cfg.rank, cfg.world
+            )));
+        }
+        layout.validate()?;
+        layout.check_aliasing()?;
+        if cfg.mode == Mode::Staged && layout.packed.is_none() {
+            return Err(NixlError::Input(
+                "staged mode needs a packed send layer in the layout".into(),
+            ));
+        }
+        let space = DescriptorSpace::new(
+            cfg.mode,
+            layout.n_layers(),
+            layout.n_local,
+            layout.n_tensors(),
+        )
+        .map_err(|e| NixlError::Input(e.to_string()))?;
+        let mut agent = Agent::new(api, agent_name, cfg.mem, cfg.device_id)?;
+        agent.register(&layout.registration_regions(cfg.mode == Mode::ZeroCopy))?;
+        Ok(Endpoint {
+            agent,
+            cfg,
+            layout,
+            space,
+            facts: RankFacts {
+                node_key: topology::local_node_key(),
+                rdma: topology::local_rdma(),
+                cuda_get_zcopy: topology::local_cuda_get_zcopy(),
+            },
+        })
+    }
+
+    /// The bytes every peer needs: agent name, NIXL metadata, layout, node
+    /// facts and the options that must agree across ranks.
+    pub fn local_blob(&self) -> Result<Vec<u8>, NixlError> {
+        let md = self.agent.local_metadata()?;
+        let mut out = BLOB_MAGIC.to_vec();
+        out.extend_from_slice(&self.cfg.rank.to_le_bytes());
+        let flags = [
+            u8::from(self.facts.rdma) | (u8::from(self.facts.cuda_get_zcopy) << 1),
+            self.cfg.direction as u8,
+            self.cfg.schedule as u8,
+            self.cfg.mode as u8,
+        ];
+        let parts: [&[u8]; 5] = [
+            self.agent.name().as_bytes(),
+            &md,
+            &self.layout.to_blob(),
+            self.facts.node_key.as_bytes(),
+            &flags,
+        ];
+        for p in parts {
+            out.extend_from_slice(&(p.len() as u64).to_le_bytes());
+            out.extend_from_slice(p);
+        }
+        Ok(out)
+    }
+
+    /// Loads every rank's blob (index = rank), agrees on the topology,
+    /// prepares descriptor lists once and starts nothing yet. `nodes`
+    /// overrides node detection.
+    pub fn connect(
+        mut self,
+        blobs: &[Vec<u8>],
+        nodes: Option<&[u32]>,
+    ) -> Result<Connected, NixlError> {
+        let world = self.cfg.world as usize;
+        if blobs.len() != world {
+            return Err(NixlError::Input(format!(
+                "got {} peer blobs for world size {world}",
+                blobs.len()
+            )));
+        }
+        let me = self.cfg.rank as usize;
+        let mut peers = Vec::with_capacity(world);
+        for (rank, blob) in blobs.iter().enumerate() {
+            let (r, pb) = parse_blob(blob)?;
+            if r as usize != rank {
+                return Err(NixlError::Protocol(format!(
+                    "blob at index {rank} is from rank {r}"
+                )));
+            }
+            peers.push(pb);
+        }
+        let mine = peers[me].options;
+        for (rank, p) in peers.iter().enumerate() {
+            if p.options[..3] != mine[..3] {
+                return Err(NixlError::Input(format!(
+                    "rank {rank} was created with other options (mode, direction or schedule) than rank {me}; every rank must pass the same"
+                )));
+            }
+            if rank != me {
+                check_peer_layout(rank, &p.layout, &self.layout)?;
+            }
+        }
+        let facts: Vec<RankFacts> = peers.iter().map(|p| p.facts.clone()).collect();
+        let topo = Topology::new(
+            &facts,
+            self.cfg.mem == MemKind::Vram,
+            self.cfg.direction,
+            self.cfg.schedule,
+            nodes,
+        );
+        let needs_write = (0..world).any(|p| p != me && topo.direction[me][p] == Direction::Write);
+        let local_buf = self.agent.prepare(
+            None,
+            &self.space.local_descs(&self.layout),
+            self.cfg.device_id,
+        )?;
+        let local_src = if needs_write {
+            Some(self.agent.prepare(
+                None,
+                &self.space.remote_descs(&self.layout),
+                self.cfg.device_id,
+            )?)
+        } else {
+            None
+        };
+        let mut names = vec![String::new(); world];
+        let mut peer_lists = vec![None; world];
+        for (rank, p) in peers.iter().enumerate() {
+            if rank == me {
+                continue;
+            }
+            let loaded = load_with_retry(&mut self.agent, rank, &p.name, &p.md)?;
+            if loaded != p.name {
+                return Err(NixlError::Protocol(format!(
+                    "rank {rank} metadata names agent {loaded:?}, expected {:?}",
+                    p.name
+                )));
+            }
+            let descs = match topo.direction[me][rank] {
+                Direction::Read => self.space.remote_descs(&p.layout),
+                Direction::Write => self.space.local_descs(&p.layout),
+            };
+            peer_lists[rank] = Some(self.agent.prepare(
+                Some(&p.name),
+                &descs,
+                p.layout.device_id,
+            )?);
+            names[rank] = p.name.clone();
+        }
+        let probe_targets: Vec<Option<(u64, u64)>> = peers
+            .iter()
+            .map(|p| {
+                p.layout
+                    .buffer
+                    .first()
+                    .map(|t| (t.base, p.layout.device_id))
+            })
+            .collect();
+        Ok(Connected {
+            agent: self.agent,
+            cfg: self.cfg,
+            layout: self.layout,
+            space: self.space,
+            topo,
+            names,
+            local_buf,
+            local_src,
+            peer_lists,
+            probe_targets,
+            backlog: Vec::new(),
+        })
+    }
+}
+
+/// Set-up done; not yet probed or running.
+pub struct Connected {
+    agent: Agent,
+    cfg: TransportConfig,
+    layout: RankLayout,
+    space: DescriptorSpace,
+    topo: Topology,
+    names: Vec<String>,
+    local_buf: PreparedList,
+    local_src: Option<PreparedList>,
+    peer_lists: Vec<Option<PreparedList>>,
+    probe_targets: Vec<Option<(u64, u64)>>,
+    /// Peer messages that arrived during set-up, for the worker.
+    backlog: Vec<(String, Vec<u8>)>,
+}
+
+impl Connected {
+    pub fn topology(&self) -> &Topology {
+        &self.topo
+    }
+
+    /// Moves 8 bytes with every peer in the pair's direction (buffer row 0
+    /// to buffer row 0; nothing else is touched). Returns, per failed peer,
+    /// what went wrong, naming the UCX settings in effect.
+    pub fn probe(&mut self) -> Vec<(u32, String)> {
+        let me = self.cfg.rank as usize;
+        let mut failures = Vec::new();
+        let Some(mine) = self.layout.buffer.first().copied() else {
+            return failures;
+        };
+        let len = mine.row_bytes.min(8);
+        let local = match self
+            .agent
+            .prepare(None, &[(mine.base, len)], self.cfg.device_id)
+        {
+            Ok(l) => l,
+            Err(e) => return vec![(self.cfg.rank, e.to_string())],
+        };
+        let deadline = Instant::now() + self.cfg.timeout.min(Duration::from_secs(30));
+        let mut inflight: Vec<(u32, XferReq, Option<PreparedList>)> = Vec::new();
+        for peer in 0..self.names.len() {
+            if peer == me {
+                continue;
+            }
+            let Some((base, dev)) = self.probe_targets[peer] else {
+                continue;
+            };
+            let op = match self.topo.direction[me][peer] {
+                Direction::Read => XferOp::Read,
+                Direction::Write => XferOp::Write,
+            };
+            let remote = match self
+                .agent
+                .prepare(Some(&self.names[peer]), &[(base, len)], dev)
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    failures.push((peer as u32, probe_message(op, peer, &e.to_string())));
+                    continue;
+                }
+            };
+            match self.agent.post(op, local, &[0], remote, &[0], None) {
+                Ok((req, XferState::Done)) => {
+                    self.agent.release(req);
+                    self.agent.release_list(remote);
+                }
+                Ok((req, XferState::InProgress)) => inflight.push((peer as u32, req, Some(remote))),
+                Err(e) => {
+                    failures.push((peer as u32, probe_message(op, peer, &e.to_string())));
+                    self.agent.release_list(remote);
+                }
+            }
+        }
+        let mut idle = 0u32;
+        while !inflight.is_empty() {
+            let mut i = 0;
+            while i < inflight.len() {
+                let peer = inflight[i].0;
+                let op = match self.topo.direction[me][peer as usize] {
+                    Direction::Read => XferOp::Read,
+                    Direction::Write => XferOp::Write,
+                };
+                let st = self.agent.status(&inflight[i].1);
+                let timed_out = Instant::now() >= deadline;
+                match st {
+                    Ok(XferState::InProgress) if !timed_out => i += 1,
+                    other => {
+                        let (_, req, remote) = inflight.swap_remove(i);
+                        self.agent.release(req);
+                        if let Some(r) = remote {
+                            self.agent.release_list(r);
+                        }
+                        match other {
+                            Ok(XferState::Done) => {}
+                            Ok(XferState::InProgress) => failures.push((
+                                peer,
+                                probe_message(
+                                    op,
+                                    peer as usize,
+                                    "no completion before the deadline",
+                                ),
+                            )),
+                            Err(e) => failures
+                                .push((peer, probe_message(op, peer as usize, &e.to_string()))),
+                        }
+                    }
+                }
+            }
+            idle = idle.saturating_add(1);
+            backoff(idle);
+        }
+        self.agent.release_list(local);
+        // Keep driving UCX until every peer finished its own tests: a peer's
+        // READ may need this side's progress to connect. Peers say so with
+        // a notification, which also proves notifications work.
+        let names: Vec<String> = self.names.clone();
+        let mut missing: Vec<bool> = (0..names.len()).map(|p| p != me).collect();
+        for (p, name) in names.iter().enumerate() {
+            if p != me && self.agent.notify(name, PROBED).is_err() {
+                failures.push((p as u32, probe_message(XferOp::Read, p, "a notification could not be sent")));
+            }
+        }
+        let mut got = Vec::new();
+        let mut idle = 0u32;
+        while missing.iter().any(|&m| m) && Instant::now() < deadline {
+            got.clear();
+            if self.agent.drain_notifs(&mut got).is_err() {
+                break;
+            }
+            for (sender, msg) in got.drain(..) {
+                match names.iter().position(|n| *n == sender) {
+                    Some(p) if msg == PROBED => missing[p] = false,
+                    _ => self.backlog.push((sender, msg)),
+                }
+            }
+            idle = idle.saturating_add(1);
+            backoff(idle);
+        }
+        for (p, m) in missing.iter().enumerate() {
+            if *m {
+                failures.push((p as u32, probe_message(XferOp::Read, p, "its set-up notification never arrived")));
+            }
+        }
+        failures
+    }
+
+    /// Starts the worker thread; the transport is ready for jobs.
+    pub fn spawn(self) -> Result<Transport, NixlError> {
+        let me = self.cfg.rank as usize;
+        let scfg = SessionConfig {
+            rank: self.cfg.rank,
+            world: self.cfg.world,
+            n_local: self.layout.n_local as u32,
+            timeout: dur_ns(self.cfg.timeout),
+            round_timeout: dur_ns(self.cfg.round_timeout()),
+            direction: self.topo.direction[me].clone(),
+            round_of: self.topo.round_of[me].clone(),
+        };
+        let session = Session::new(scfg).map_err(|e| NixlError::Input(e.to_string()))?;
+        let shared = Arc::new(Shared::default());
+        let (tx, rx) = mpsc::channel();
+        let worker = Worker {
+            agent: self.agent,
+            session,
+            space: self.space,
+            layout: self.layout,
+            names: self.names.clone(),
+            name_to_rank: self
+                .names
+                .iter()
+                .enumerate()
+                .filter(|(_, n)| !n.is_empty())
+                .map(|(r, n)| (n.clone(), r as u32))
+                .collect(),
+            local_buf: self.local_buf,
+            local_src: self.local_src,
+            peer_lists: self.peer_lists,
+            inflight: HashMap::new(),
+            job: None,
+            epoch: Instant::now(),
+            shared: shared.clone(),
+            scratch: self.backlog,
+            rx,
+            closing: None,
+        };
+        let thread = std::thread::Builder::new()
+            .name(format!("eplbx-r{}", self.cfg.rank))
+            .spawn(move || worker.run())
+            .map_err(|e| NixlError::Input(format!("cannot start the transport thread: {e}")))?;
+        Ok(Transport {
+            tx: Mutex::new(Some(tx)),
+            shared,
+            thread: Mutex::new(Some(thread)),
+            owner_pid: std::process::id(),
+            topo: self.topo,
+        })
+    }
+}
+
+fn probe_message(op: XferOp, peer: usize, why: &str) -> String {
+    format!(
+        "a set-up test {} with rank {peer} failed ({why}); NIXL cannot move bytes between these ranks with the UCX settings in effect ({}). Check UCX_TLS / UCX_NET_DEVICES, and do not combine UCX_PROTO_EMULATION_ENABLE=n with tcp",
+        match op {
+            XferOp::Read => "READ",
+            XferOp::Write => "WRITE",
+        },
+        topology::ucx_settings()
+    )
+}
+
+/// UCX occasionally refuses the first connection to a just-created peer on
+/// loopback; a short bounded retry makes set-up dependable.
+fn load_with_retry(
+    agent: &mut Agent,
+    rank: usize,
+    name: &str,
+    md: &[u8],
+) -> Result<String, NixlError> {
+    let mut last = None;
+    for attempt in 0..5u32 {
+        match agent.load_remote(md) {
+            Ok(n) => return Ok(n),
+            Err(e) => {
+                agent.invalidate_remote(name);
+                last = Some(e);
+                std::thread::sleep(Duration::from_millis(20 << attempt));
+            }
+        }
+    }
+    Err(NixlError::PeerFailed {
+        peer: rank as u32,
+        layer: 0,
+        reason: format!(
+            "loading metadata failed: {}",
+            last.map(|e| e.to_string()).unwrap_or_default()
+        ),
+    })
+}
+
+fn check_peer_layout(rank: usize, l: &RankLayout, mine: &RankLayout) -> Result<(), NixlError> {
+    let same_rows = l
+        .buffer
+        .iter()
+        .map(|t| t.row_bytes)
+        .eq(mine.buffer.iter().map(|t| t.row_bytes));
+    if l.n_local != mine.n_local || l.n_layers() != mine.n_layers() || !same_rows {
+        return Err(NixlError::Input(format!(
+            "rank {rank} has a different layer layout ({} layers x {} rows, row bytes {:?}) than this rank ({} x {}, {:?})",
+            l.n_layers(),
+            l.n_local,
+            l.buffer.iter().map(|t| t.row_bytes).collect::<Vec<_>>(),
+            mine.n_layers(),
+            mine.n_local,
+            mine.buffer.iter().map(|t| t.row_bytes).collect::<Vec<_>>()
+        )));
+    }
+    Ok(())
+}
+
+fn parse_blob(b: &[u8]) -> Result<(u32, PeerBlob), NixlError> {
+    let bad = |m: &str| NixlError::Protocol(format!("peer blob: {m}"));
+    if b.len() < 12 || &b[..8] != BLOB_MAGIC {
+        return Err(bad("not an eplb-xfer peer blob of this version"));
+    }
+    let rank = u32::from_le_bytes([b[8], b[9], b[10], b[11]]);
+    let mut pos = 12usize;
+    let mut parts: Vec<&[u8]> = Vec::with_capacity(5);
+    for _ in 0..5 {
+        let end = pos
+            .checked_add(8)
+            .filter(|&e| e <= b.len())
+            .ok_or_else(|| bad("truncated"))?;
+        let mut l8 = [0u8; 8];
+        l8.copy_from_slice(&b[pos..end]);
+        let len = usize::try_from(u64::from_le_bytes(l8)).map_err(|_| bad("length overflow"))?;
+        let stop = end
+            .checked_add(len)
+            .filter(|&e| e <= b.len())
+            .ok_or_else(|| bad("truncated"))?;
+        parts.push(&b[end..stop]);
+        pos = stop;
+    }
+    if pos != b.len() {
+        return Err(bad("trailing bytes"));
+    }
+    let name = String::from_utf8(parts[0].to_vec()).map_err(|_| bad("agent name is not UTF-8"))?;
+    let layout = RankLayout::from_blob(parts[2])?;
+    let node_key =
+        String::from_utf8(parts[3].to_vec()).map_err(|_| bad("node key is not UTF-8"))?;
+    let flags: [u8; 4] = parts[4].try_into().map_err(|_| bad("flags"))?;
+    Ok((
+        rank,
+        PeerBlob {
+            name,
+            md: parts[1].to_vec(),
+            layout,
+            facts: RankFacts {
+                node_key,
+                rdma: flags[0] & 1 != 0,
+                cuda_get_zcopy: flags[0] & 2 != 0,
+            },
+            options: [flags[1], flags[2], flags[3]],
+        },
+    ))
+}
+
+// ---- the running transport ------------------------------------------------------
+
+/// Host-memory work of one layer, done by the worker (CPU tensors only).
+#[derive(Debug, Clone, Default)]
+pub struct HostOps {
+    /// `(src_row, dst_row)`: weights -> buffer, before the exchange.
+    pub local: Vec<(u32, u32)>,
+    /// Rows served from the packed send layer (staged): weights -> slot.
+    pub pack: Vec<u32>,
+    /// `(src_row, dst_row)`: buffer -> buffer, after the exchange.
+    pub dups: Vec<(u32, u32)>,
+    /// Rows committed buffer -> weights, after the exchange.
+    pub commit: Vec<u32>,
+}
+
+/// How received rows are verified.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verify {
+    Off,
+    /// The worker checksums host rows itself.
+    Host,
+    /// The caller verifies: READY payloads are given, [`Reply::Landed`]
+    /// comes back, then `Cmd::Done` or `Cmd::Abort`.
+    Caller(Vec<(u32, Vec<u8>)>),
+}
+
+/// One exchange for the worker.
+#[derive(Debug, Clone)]
+pub struct Job {
+    pub spec: ExchangeSpec,
+    /// Weights layer the rows belong to (`None`: no transfers, e.g. a barrier).
+    pub layer: Option<usize>,
+    pub host: Option<HostOps>,
+    pub verify: Verify,
+}
+
+/// What one exchange moved.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LayerStats {
+    /// `(source rank, rows)` received per source.
+    pub rows_per_peer: Vec<(u32, usize)>,
+    pub bytes_received: u64,
+    pub seconds: f64,
+}
+
+/// The worker's answer to a job or command.
+#[derive(Debug, Clone)]
+pub enum Reply {
+    Landed {
+        payloads: Vec<Option<Vec<u8>>>,
+    },
+    Finished {
+        label: u32,
+        result: Result<Option<Failure>, Failure>,
+        stats: LayerStats,
+    },
+    Refused(String),
+    Closed,
+}
+
+#[derive(Debug)]
+enum Cmd {
+    Exchange(Box<Job>, Sender<Reply>),
+    Done(Sender<Reply>),
+    Abort(AbortCode, u32, Option<Sender<Reply>>),
+    Close(Duration, Sender<Reply>),
+}
+
+/// Counters of a transport (readable at any time, without waiting).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Counters {
+    pub exchanges: u64,
+    pub prepared_lists_live: u64,
+    pub requests_created: u64,
+    pub requests_live: u64,
+    pub notifications_sent: u64,
+    pub notifications_received: u64,
+    pub buffered: u64,
+    pub ignored_messages: u64,
+    pub failed_peers: Vec<u32>,
+}
+
+#[derive(Default)]
+struct Shared {
+    counters: Mutex<Counters>,
+    gen: AtomicU64,
+}
+
+/// A running transport. Dropping it closes it (short linger).
+pub struct Transport {
+    tx: Mutex<Option<Sender<Cmd>>>,
+    shared: Arc<Shared>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+    owner_pid: u32,
+    topo: Topology,
+}
+
+/// A job in flight; wait for its replies with [`Pending::wait`].
+pub struct Pending {
+    rx: Receiver<Reply>,
+}
+
+impl Pending {
+    /// Waits up to `step` for the next reply (`None`: not yet).
+    pub fn wait(&self, step: Duration) -> Result<Option<Reply>, NixlError> {
+        match self.rx.recv_timeout(step) {
+            Ok(r) => Ok(Some(r)),
+            Err(RecvTimeoutError::Timeout) => Ok(None),
+            Err(RecvTimeoutError::Disconnected) => {
+                Err(NixlError::Protocol("the transport thread stopped".into()))
+            }
+        }
+    }
+}
+
+impl Transport {
+    pub fn topology(&self) -> &Topology {
+        &self.topo
+    }
+
+    /// True in the process that created the transport (false in a fork).
+    pub fn owned_here(&self) -> bool {
+        std::process::id() == self.owner_pid
+    }
+
+    fn send(&self, cmd: Cmd) -> Result<(), NixlError> {
+        if !self.owned_here() {
+            return Err(NixlError::Input(format!(
+                "this communicator belongs to process {} (this is a forked child); create a new one here",
+                self.owner_pid
+            )));
+        }
+        let g = self.tx.lock().unwrap_or_else(|p| p.into_inner());
+        match g.as_ref() {
+            Some(tx) => tx
+                .send(cmd)
+                .map_err(|_| NixlError::Protocol("the transport thread stopped".into())),
+            None => Err(NixlError::Input("the communicator is closed".into())),
+        }
+    }
+
+    /// Submits an exchange.
+    pub fn submit(&self, job: Job) -> Result<Pending, NixlError> {
+        let (tx, rx) = mpsc::channel();
+        self.send(Cmd::Exchange(Box::new(job), tx))?;
+        Ok(Pending { rx })
+    }
+
+    /// Says DONE after a `Landed` reply (the caller verified the data).
+    pub fn done(&self) -> Result<Pending, NixlError> {
+        let (tx, rx) = mpsc::channel();
+        self.send(Cmd::Done(tx))?;
+        Ok(Pending { rx })
+    }
+
+    /// Gives up on the open exchange (or, between exchanges, on the next
+    /// one), telling peers why. Never blocks.
+    pub fn abort(&self, code: AbortCode, culprit: u32) -> Result<(), NixlError> {
+        self.send(Cmd::Abort(code, culprit, None))
+    }
+
+    /// Gives up on the open exchange after a `Landed` reply (a verdict on
+    /// `culprit`'s data) and waits for the agreed outcome.
+    pub fn verdict(&self, code: AbortCode, culprit: u32) -> Result<Pending, NixlError> {
+        let (tx, rx) = mpsc::channel();
+        self.send(Cmd::Abort(code, culprit, Some(tx)))?;
+        Ok(Pending { rx })
+    }
+
+    pub fn counters(&self) -> Counters {
+        self.shared
+            .counters
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Closes: aborts an open exchange, says goodbye, waits at most `linger`
+    /// for live peers to confirm they have everything this rank sent, then
+    /// tears the agent down. Idempotent. In a forked child it only forgets.
+    pub fn close(&self, linger: Duration) {
+        let tx = self.tx.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let thread = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if !self.owned_here() {
+            std::mem::forget(tx);
+            std::mem::forget(thread);
+            return;
+        }
+        if let Some(tx) = tx {
+            let (rtx, rrx) = mpsc::channel();
+            if tx.send(Cmd::Close(linger, rtx)).is_ok() {
+                let _ = rrx.recv_timeout(linger + Duration::from_secs(10));
+            }
+        }
+        if let Some(t) = thread {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Transport {
+    fn drop(&mut self) {
+        self.close(Duration::from_millis(200));
+    }
+}
+
+// ---- the worker ----------------------------------------------------------------
+
+struct JobState {
+    job: Job,
+    seq: u64,
+    reply: Sender<Reply>,
+    started: Instant,
+    /// Source of each buffer row received (for host verification).
+    received_from: HashMap<u32, Vec<(u32, u32)>>,
+}
+
+struct Closing {
+    until: Instant,
+    reply: Sender<Reply>,
+}
+
+struct Worker {
+    agent: Agent,
+    session: Session,
+    space: DescriptorSpace,
+    layout: RankLayout,
+    names: Vec<String>,
+    name_to_rank: HashMap<String, u32>,
+    local_buf: PreparedList,
+    local_src: Option<PreparedList>,
+    peer_lists: Vec<Option<PreparedList>>,
+    inflight: HashMap<u64, XferReq>,
+    job: Option<JobState>,
+    epoch: Instant,
+    shared: Arc<Shared>,
+    scratch: Vec<(String, Vec<u8>)>,
+    rx: Receiver<Cmd>,
+    closing: Option<Closing>,
+}
+
+fn dur_ns(d: Duration) -> Time {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+impl Worker {
+    fn now(&self) -> Time {
+        dur_ns(self.epoch.elapsed())
+    }
+
+    fn run(mut self) {
+        let mut idle = 0u32;
+        loop {
+            let mut progressed = false;
+            // commands
+            loop {
+                match self.rx.try_recv() {
+                    Ok(cmd) => {
+                        progressed = true;
+                        self.command(cmd);
+                    }
+                    Err(mpsc::TryRecvError::Empty) => break,
+                    Err(mpsc::TryRecvError::Disconnected) => {
+                        if self.closing.is_none() {
+                            // The owner went away without closing: close now.
+                            let (tx, _rx) = mpsc::channel();
+                            self.command(Cmd::Close(Duration::from_millis(200), tx));
+                        }
+                        break;
+                    }
+                }
+            }
+            progressed |= self.pump();
+            self.publish();
+            if let Some(c) = &self.closing {
+                let settled = self.session.close_settled();
+                if settled || Instant::now() >= c.until {
+                    let reply = c.reply.clone();
+                    self.teardown();
+                    let _ = reply.send(Reply::Closed);
+                    return;
+                }
+            }
+            if progressed {
+                idle = 0;
+                continue;
+            }
+            idle = idle.saturating_add(1);
+            let busy = self.job.is_some()
+                || self.closing.is_some()
+                || self.session.next_timeout().is_some();
+            if busy {
+                backoff(idle);
+            } else {
+                // Nothing open: block on the command channel, waking now and
+                // then to answer peers.
+                match self.rx.recv_timeout(Duration::from_millis(2)) {
+                    Ok(cmd) => {
+                        idle = 0;
+                        self.command(cmd);
+                    }
+                    Err(RecvTimeoutError::Timeout) => {}
+                    Err(RecvTimeoutError::Disconnected) => {
+                        if self.closing.is_none() {
+                            let (tx, _rx) = mpsc::channel();
+                            self.command(Cmd::Close(Duration::from_millis(200), tx));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn command(&mut self, cmd: Cmd) {
+        let now = self.now();
+        match cmd {
+            Cmd::Exchange(job, reply) => {
+                if self.closing.is_some() {
+                    let _ = reply.send(Reply::Refused("the communicator is closing".into()));
+                    return;
+                }
+                if self.job.is_some() || self.session.is_open() {
+                    let _ = reply.send(Reply::Refused(
+                        "another exchange is still open on this communicator".into(),
+                    ));
+                    return;
+                }
+                self.begin(now, *job, reply);
+            }
+            Cmd::Done(reply) => {
+                let res = self.session.done(now);
+                match (res, self.job.as_mut()) {
+                    (Ok(()), Some(j)) => j.reply = reply,
+                    (Err(e), _) => {
+                        let _ = reply.send(Reply::Refused(e.to_string()));
+                    }
+                    (Ok(()), None) => {
+                        let _ = reply.send(Reply::Refused("no exchange is open".into()));
+                    }
+                }
+            }
+            Cmd::Abort(code, culprit, reply) => {
+                if let (Some(r), Some(j)) = (reply.as_ref(), self.job.as_mut()) {
+                    j.reply = r.clone();
+                } else if let Some(r) = reply {
+                    let _ = r.send(Reply::Refused("no exchange is open".into()));
+                }
+                self.session.abort(now, code, culprit);
+            }
+            Cmd::Close(linger, reply) => {
+                self.session.close(now);
+                self.closing = Some(Closing {
+                    until: Instant::now() + linger,
+                    reply,
+                });
+            }
+        }
+    }
+
+    fn begin(&mut self, now: Time, mut job: Job, reply: Sender<Reply>) {
+        // Host work before the exchange: local copies and staged packing.
+        if let (Some(h), Some(layer)) = (&job.host, job.layer) {
+            if let Err(e) = self.host_before(layer, h) {
+                let _ = reply.send(Reply::Refused(e));
+                return;
+            }
+        }
+        if job.verify == Verify::Host {
+            match (job.layer, self.served_checksums(&job)) {
+                (Some(_), Ok(p)) => job.spec.payloads = p,
+                (None, _) => {}
+                (_, Err(e)) => {
+                    let _ = reply.send(Reply::Refused(e));
+                    return;
+                }
+            }
+            job.spec.hold_done = true;
+        } else if let Verify::Caller(p) = &job.verify {
+            job.spec.payloads = p.clone();
+            job.spec.hold_done = true;
+        }
+        let mut received_from: HashMap<u32, Vec<(u32, u32)>> = HashMap::new();
+        for &(src, s, d) in &job.spec.recvs {
+            received_from.entry(src).or_default().push((s, d));
+        }
+        if let Err(e) = self.session.begin(now, job.spec.clone()) {
+            let _ = reply.send(Reply::Refused(e.to_string()));
+            return;
+        }
+        self.job = Some(JobState {
+            seq: self.session.seq(),
+            job,
+            reply,
+            started: Instant::now(),
+            received_from,
+        });
+    }
+
+    /// Feeds the session with messages, completions and time; carries out
+    /// its outputs and events. Returns whether anything happened.
+    fn pump(&mut self) -> bool {
+        let mut progressed = false;
+        let mut scratch = std::mem::take(&mut self.scratch);
+        let res = self.agent.drain_notifs(&mut scratch);
+        let now = self.now();
+        for (sender, msg) in scratch.drain(..) {
+            progressed = true;
+            if let Some(&rank) = self.name_to_rank.get(&sender) {
+                self.session.handle_message(now, rank, &msg);
+            }
+        }
+        self.scratch = scratch;
+        let _ = res; // a failing progress call shows up as failed transfers
+                     // transfers in flight
+        let ids: Vec<u64> = self.inflight.keys().copied().collect();
+        for id in ids {
+            let st = match self.inflight.get(&id) {
+                Some(req) => self.agent.status(req),
+                None => continue,
+            };
+            match st {
+                Ok(XferState::InProgress) => {}
+                other => {
+                    progressed = true;
+                    if let Some(req) = self.inflight.remove(&id) {
+                        self.agent.release(req);
+                    }
+                    let now = self.now();
+                    self.session
+                        .handle_completion(now, id, matches!(other, Ok(XferState::Done)));
+                }
+            }
+        }
+        let now = self.now();
+        if self.session.next_timeout().is_some_and(|t| t <= now) {
+            self.session.handle_timeout(now);
+            progressed = true;
+        }
+        while let Some(out) = self.session.poll_output() {
+            progressed = true;
+            self.output(out);
+        }
+        while let Some(ev) = self.session.poll_event() {
+            progressed = true;
+            self.event(ev);
+        }
+        progressed
+    }
+
+    fn output(&mut self, out: Output) {
+        match out {
+            Output::Send { to, msg } => {
+                let ok = self
+                    .names
+                    .get(to as usize)
+                    .filter(|n| !n.is_empty())
+                    .map(|n| self.agent.notify(n, &msg).is_ok())
+                    .unwrap_or(false);
+                if !ok {
+                    let now = self.now();
+                    self.session.handle_send_failure(now, to);
+                }
+            }
+            Output::Post(t) => {
+                let id = t.id;
+                if let Err(_e) = self.post(&t) {
+                    let now = self.now();
+                    self.session.handle_completion(now, id, false);
+                }
+            }
+            Output::Cancel { id } => {
+                if let Some(req) = self.inflight.remove(&id) {
+                    self.agent.release(req);
+                }
+            }
+        }
+    }
+
+    fn post(&mut self, t: &Transfer) -> Result<(), NixlError> {
+        let layer = self
+            .job
+            .as_ref()
+            .filter(|j| j.seq == t.seq)
+            .and_then(|j| j.job.layer)
+            .ok_or_else(|| NixlError::Protocol("transfer without a layer".into()))?;
+        let remote = self
+            .peer_lists
+            .get(t.peer as usize)
+            .copied()
+            .flatten()
+            .ok_or_else(|| NixlError::Protocol(format!("no list for rank {}", t.peer)))?;
+        let nt = self.space.n_tensors;
+        let mut local_idx: Vec<c_int> = Vec::with_capacity(t.rows.len() * nt);
+        let mut remote_idx: Vec<c_int> = Vec::with_capacity(t.rows.len() * nt);
+        let (op, local) = match t.op {
+            Op::Read => {
+                for &(s, d) in &t.rows {
+                    for k in 0..nt {
+                        local_idx.push(self.space.local_index(d as usize, k));
+                        remote_idx.push(self.space.remote_index(layer, s as usize, k));
+                    }
+                }
+                (XferOp::Read, self.local_buf)
+            }
+            Op::Write => {
+                for &(s, d) in &t.rows {
+                    for k in 0..nt {
+                        local_idx.push(self.space.remote_index(layer, s as usize, k));
+                        remote_idx.push(self.space.local_index(d as usize, k));
+                    }
+                }
+                let src = self
+                    .local_src
+                    .ok_or_else(|| NixlError::Protocol("no source list for writes".into()))?;
+                (XferOp::Write, src)
+            }
+        };
+        let (req, state) = self.agent.post(
+            op,
+            local,
+            &local_idx,
+            remote,
+            &remote_idx,
+            t.notify.as_deref(),
+        )?;
+        if state == XferState::Done {
+            self.agent.release(req);
+            let now = self.now();
+            self.session.handle_completion(now, t.id, true);
+        } else {
+            self.inflight.insert(t.id, req);
+        }
+        Ok(())
+    }
+
+    fn event(&mut self, ev: Event) {
+        match ev {
+            Event::Landed { seq, payloads } => {
+                let Some(j) = self.job.as_ref().filter(|j| j.seq == seq) else {
+                    return;
+                };
+                if j.job.verify == Verify::Host {
+                    let now = self.now();
+                    match self.verify_host(&payloads) {
+                        Ok(()) => {
+                            let _ = self.session.done(now);
+                        }
+                        Err(src) => self.session.abort(now, AbortCode::Checksum, src),
+                    }
+                } else {
+                    let _ = j.reply.send(Reply::Landed { payloads });
+                }
+            }
+            Event::Finished { seq, label, result } => {
+                let Some(j) = self.job.take() else { return };
+                if j.seq != seq {
+                    self.job = Some(j);
+                    return;
+                }
+                if result.is_ok() {
+                    if let (Some(h), Some(layer)) = (&j.job.host, j.job.layer) {
+                        self.host_after(layer, h);
+                    }
+                }
+                let row_bytes = self.layout.expert_bytes();
+                let mut rows_per_peer: Vec<(u32, usize)> =
+                    j.received_from.iter().map(|(&p, v)| (p, v.len())).collect();
+                rows_per_peer.sort_unstable();
+                let bytes_received = rows_per_peer
+                    .iter()
+                    .map(|&(_, n)| n as u64 * row_bytes)
+                    .sum();
+                let stats = LayerStats {
+                    rows_per_peer,
+                    bytes_received,
+                    seconds: j.started.elapsed().as_secs_f64(),
+                };
+                // Counters are current when the caller sees the reply.
+                self.publish_final();
+                let _ = j.reply.send(Reply::Finished {
+                    label,
+                    result,
+                    stats,
+                });
+            }
+        }
+    }
+
+    // ---- host memory (CPU tensors) ----------------------------------------------
+
+    fn rows_of(&self, layer: usize) -> Option<&[TensorRows]> {
+        self.layout.weights.get(layer).map(|v| v.as_slice())
+    }
+
+    fn host_before(&mut self, layer: usize, h: &HostOps) -> Result<(), String> {
+        let n = self.layout.n_local as u32;
+        let w = self
+            .rows_of(layer)
+            .ok_or("layer outside the registered weights")?
+            .to_vec();
+        let b = self.layout.buffer.clone();
+        crate::host_copy::validate(&b, &w, n, &h.local).map_err(|e| e.to_string())?;
+        if h.pack.iter().any(|&r| r >= n)
+            || h.dups.iter().any(|&(s, d)| s >= n || d >= n)
+            || h.commit.iter().any(|&r| r >= n)
+        {
+            return Err(format!("a host row is outside 0..{n}"));
+        }
+        // SAFETY: layouts describe the registered (live, held) tensors; rows validated.
+        unsafe { crate::host_copy::copy_rows(&b, &w, &h.local) };
+        if let Some(p) = &self.layout.packed {
+            let offs = self.layout.packed_offsets();
+            for &row in &h.pack {
+                for (t, rows) in w.iter().enumerate() {
+                    let src = rows.row_addr(row as usize) as *const u8;
+                    let dst = (p.base + p.slot_bytes * u64::from(row) + offs[t]) as *mut u8;
+                    // SAFETY: the slot lies inside the registered packed layer
+                    // (validated layout); source row validated above.
+                    unsafe { std::ptr::copy(src, dst, rows.row_bytes as usize) };
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn host_after(&mut self, layer: usize, h: &HostOps) {
+        let Some(w) = self.rows_of(layer).map(|v| v.to_vec()) else {
+            return;
+        };
+        let b = self.layout.buffer.clone();
+        // SAFETY: as in host_before; rows were validated there.
+        unsafe {
+            crate::host_copy::copy_rows(&b, &b, &h.dups);
+            let commit: Vec<(u32, u32)> = h.commit.iter().map(|&r| (r, r)).collect();
+            crate::host_copy::copy_rows(&w, &b, &commit);
+        }
+    }
+
+    fn expert_sum(&self, rows: &[TensorRows], row: u32) -> u64 {
+        crate::checksum::expert_checksum(rows.iter().map(|t| {
+            // SAFETY: a row of a registered, live host tensor.
+            unsafe {
+                std::slice::from_raw_parts(
+                    t.row_addr(row as usize) as *const u8,
+                    t.row_bytes as usize,
+                )
+            }
+        }))
+    }
+
+    /// READY payloads: per reader, `(row, checksum)` of each row it reads.
+    fn served_checksums(&self, job: &Job) -> Result<Vec<(u32, Vec<u8>)>, String> {
+        let layer = job.layer.ok_or("no layer")?;
+        let w = self
+            .rows_of(layer)
+            .ok_or("layer outside the registered weights")?;
+        let mut by_reader: HashMap<u32, Vec<u32>> = HashMap::new();
+        for &(dst, row) in &job.spec.sends {
+            by_reader.entry(dst).or_default().push(row);
+        }
+        let mut cache: HashMap<u32, u64> = HashMap::new();
+        let mut out = Vec::new();
+        for (reader, rows) in by_reader {
+            let mut bytes = Vec::with_capacity(rows.len() * 12);
+            for row in rows {
+                if row as usize >= self.layout.n_local {
+                    return Err(format!("send row {row} outside 0..{}", self.layout.n_local));
+                }
+                let sum = *cache.entry(row).or_insert_with(|| self.expert_sum(w, row));
+                bytes.extend_from_slice(&row.to_le_bytes());
+                bytes.extend_from_slice(&sum.to_le_bytes());
+            }
+            out.push((reader, bytes));
+        }
+        Ok(out)
+    }
+
+    /// Checks every received row against its source's checksum; `Err(src)`
+    /// names the first source whose data does not match.
+    fn verify_host(&self, payloads: &[Option<Vec<u8>>]) -> Result<(), u32> {
+        let Some(j) = &self.job else { return Ok(()) };
+        let mut srcs: Vec<u32> = j.received_from.keys().copied().collect();
+        srcs.sort_unstable();
+        for src in srcs {
+            let expected = decode_sums(payloads.get(src as usize).and_then(|p| p.as_deref()));
+            for &(s, d) in &j.received_from[&src] {
+                let got = self.expert_sum(&self.layout.buffer, d);
+                if expected.get(&s) != Some(&got) {
+                    return Err(src);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn publish(&mut self) {
+        let g = self.shared.gen.fetch_add(1, Ordering::Relaxed);
+        if g % 64 != 0 && self.job.is_some() {
+            return; // cheap while busy; always fresh when idle
+        }
+        let a = self.agent.counters();
+        let c = Counters {
+            exchanges: self.session.seq(),
+            prepared_lists_live: a.prepared_lists_live,
+            requests_created: a.requests_created,
+            requests_live: a.requests_created - a.requests_released,
+            notifications_sent: a.notifications_sent,
+            notifications_received: a.notifications_received,
+            buffered: self.session.buffered() as u64,
+            ignored_messages: self.session.ignored_messages,
+            failed_peers: self.session.failed_peers().iter().collect(),
+        };
+        *self
+            .shared
+            .counters
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = c;
+    }
+
+    fn teardown(&mut self) {
+        for (_, req) in self.inflight.drain() {
+            self.agent.release(req);
+        }
+        if let Some(j) = self.job.take() {
+            let _ = j
+                .reply
+                .send(Reply::Refused("the communicator was closed".into()));
+        }
+        self.publish_final();
+        // The agent itself is released by Drop (see Agent's teardown order)
+        // when the worker returns.
+    }
+
+    fn publish_final(&mut self) {
+        self.shared.gen.store(0, Ordering::Relaxed);
+        let job = self.job.take();
+        // Completed requests of the finished exchange are released by now.
+        self.publish();
+        self.job = job;
+    }
+}
+
+/// `(row, checksum)` pairs of a READY payload.
+pub fn decode_sums(p: Option<&[u8]>) -> HashMap<u32, u64> {
+    let mut m = HashMap::new();
+    if let Some(b) = p {
+        for c in b.chunks_exact(12) {
+            let row = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+            let mut s = [0u8; 8];
+            s.copy_from_slice(&c[4..12]);
+            m.insert(row, u64::from_le_bytes(s));
+        }
+    }
+    m
+}
+
+/// Spin briefly, then yield, then nap up to 200 µs.
+fn backoff(idle_polls: u32) {
+    if idle_polls < 32 {
+        std::hint::spin_loop();
+    } else if idle_polls < 96 {
+        std::thread::yield_now();
+    } else {
+        let us = 1u64 << ((idle_polls - 96) / 16).min(7);
+        std::thread::sleep(Duration::from_micros(us.min(200)));
+    }
+}
