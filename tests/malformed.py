@@ -13,11 +13,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import sys
+
 import numpy as np
 import torch
 
 import eplb_xfer
-from eplb_xfer.testing import snapshot, unchanged_layers, verify
+from harness import MIXED, build, check, scenario, snapshot, unchanged
 
 
 @dataclass
@@ -26,7 +28,6 @@ class Ctx:
     world: int
     old: np.ndarray
     new: np.ndarray
-    E: int
     weights: list[list[torch.Tensor]]
     buffer: list[torch.Tensor]
     nixl: eplb_xfer.NixlCommunicator
@@ -116,7 +117,7 @@ CASES: list[Case] = [
         "new_expert_held_nowhere",
         ValueError,
         "new_indices",
-        lambda c: c.run(new=_with(c.new, (1, 0), c.E + 50)),
+        lambda c: c.run(new=_with(c.new, (1, 0), 9999)),
     ),
     # -- weights and buffer ---------------------------------------------------------
     (
@@ -236,7 +237,7 @@ CASES: list[Case] = [
     ),
     (
         "plan_ep_size_bool",
-        ValueError,
+        TypeError,
         "ep_size",
         lambda c: eplb_xfer.plan_rebalance(c.old, c.new, True),
     ),
@@ -279,9 +280,20 @@ CASES: list[Case] = [
             ("negative", -1.0),
             ("nan", float("nan")),
             ("inf", float("inf")),
-            ("str", "5"),
-            ("bool", True),
+            ("huge", 1e20),
+            ("maxsize", sys.maxsize),
         ]
+    ],
+    *[
+        (
+            f"timeout_s_{name}",
+            TypeError,
+            "timeout_s",
+            lambda c, v=v: eplb_xfer.create_communicator(
+                "nixl", None, c.weights, c.buffer, timeout_s=v
+            ),
+        )
+        for name, v in [("str", "5"), ("bool", True), ("none", None)]
     ],
     (
         "verify_not_bool",
@@ -328,7 +340,7 @@ CASES: list[Case] = [
     ),
     (
         "add_send_expert_float",
-        ValueError,
+        TypeError,
         "expert_id",
         lambda c: c.nixl.add_send(_rows(c.weights[0], 0), 0, 1.0),
     ),
@@ -351,16 +363,31 @@ CASES: list[Case] = [
         lambda c: c.nixl.add_recv([c.buffer[0][0], 7, 8, 9], 0, 1),
     ),
     (
-        "add_recv_not_buffer_row",
+        "add_recv_requires_grad",
         ValueError,
-        "tensors",
-        lambda c: c.nixl.add_recv(_rows(c.weights[0], 0), 0, 1),
+        "requires_grad",
+        lambda c: c.nixl.add_recv(
+            [
+                c.buffer[0][0],
+                torch.zeros(2, 3).requires_grad_(),
+                c.buffer[2][0],
+                c.buffer[3][0],
+            ],
+            0,
+            1,
+        ),
     ),
     (
-        "add_recv_rows_of_two_slots",
+        "add_recv_meta_tensor",
         ValueError,
-        "tensors",
-        lambda c: c.nixl.add_recv([c.buffer[0][0], *_rows(c.buffer, 1)[1:]], 0, 1),
+        "tensors[0]",
+        lambda c: c.nixl.add_recv([c.buffer[0][0].to("meta"), *_rows(c.buffer, 0)[1:]], 0, 1),
+    ),
+    (
+        "add_send_uint64_expert_that_wraps",
+        ValueError,
+        "expert_id",
+        lambda c: c.nixl.add_send(_rows(c.weights[0], 0), 0, np.uint64(2**64 - 1)),
     ),
     ("execute_without_context", ValueError, "old_indices", lambda c: c.nixl.execute()),
     (
@@ -377,7 +404,7 @@ CASES: list[Case] = [
     ),
     (
         "set_context_layer_str",
-        ValueError,
+        TypeError,
         "layer_idx",
         lambda c: c.nixl.set_transfer_context(c.old, "0"),
     ),
@@ -401,7 +428,7 @@ CASES: list[Case] = [
         ValueError,
         "expert_id",
         lambda c: _ctx_then_execute(
-            c.nixl, c, lambda: c.nixl.add_recv(_rows(c.buffer, 0), c.theirs()[0], c.E + 9)
+            c.nixl, c, lambda: c.nixl.add_recv(_rows(c.buffer, 0), c.theirs()[0], 9999)
         ),
     ),
     (
@@ -409,7 +436,7 @@ CASES: list[Case] = [
         ValueError,
         "expert_id",
         lambda c: _ctx_then_execute(
-            c.staged, c, lambda: c.staged.add_send(_rows(c.weights[0], 0), c.theirs()[0], c.E + 9)
+            c.staged, c, lambda: c.staged.add_send(_rows(c.weights[0], 0), c.theirs()[0], 9999)
         ),
     ),
     (
@@ -427,11 +454,137 @@ CASES: list[Case] = [
         lambda c: c.staged.execute(old_indices=c.old[0, :-1]),
     ),
     (
-        "transfer_layer_out_of_range",
+        "rebalance_layer_out_of_range",
         ValueError,
         "layer_idx",
-        lambda c: c.nixl.transfer_layer(
+        lambda c: c.nixl.rebalance_layer(
             eplb_xfer.plan_rebalance(c.old, c.new, c.world), 5, c.weights[0], c.buffer, c.old[0]
+        ),
+    ),
+    (
+        "rebalance_layer_plan_of_another_shape",
+        ValueError,
+        "plan",
+        lambda c: c.nixl.rebalance_layer(
+            eplb_xfer.plan_rebalance(
+                np.concatenate([c.old, c.old], axis=1), np.concatenate([c.new, c.new], axis=1), 2
+            ),
+            0,
+            c.weights[0],
+            c.buffer,
+            c.old[0],
+        ),
+    ),
+    (
+        "set_context_row_too_short",
+        ValueError,
+        "old_indices",
+        lambda c: c.nixl.set_transfer_context(c.old[0, :-1], 0),
+    ),
+    (
+        "torch_set_context_layer_too_big",
+        ValueError,
+        "layer_idx",
+        lambda c: c.torch_comm.set_transfer_context(c.old[0], 7),
+    ),
+    (
+        "torch_set_context_row_too_long",
+        ValueError,
+        "old_indices",
+        lambda c: c.torch_comm.set_transfer_context(np.zeros(99, dtype=np.int64), 0),
+    ),
+    (
+        "set_stream_not_a_stream",
+        TypeError,
+        "stream",
+        lambda c: c.nixl.set_stream("side"),
+    ),
+    (
+        "close_linger_huge",
+        ValueError,
+        "linger_s",
+        lambda c: c.nixl.close(linger_s=1e20),
+    ),
+    # -- memory shared between rows (aliasing) ------------------------------------------
+    (
+        "weights_layer_listed_twice",
+        ValueError,
+        "shares memory",
+        lambda c: c.run(expert_weights=[c.weights[0], c.weights[0]]),
+    ),
+    (
+        "buffer_is_a_layer",
+        ValueError,
+        "shares memory",
+        lambda c: c.run(expert_buffer=c.weights[1]),
+    ),
+    (
+        "torch_backend_aliased_layers",
+        ValueError,
+        "shares memory",
+        lambda c: c.run(expert_weights=[c.weights[0], c.weights[0]], communicator=c.torch_comm),
+    ),
+    (
+        "nixl_same_tensor_registered_twice",
+        ValueError,
+        "shares memory",
+        lambda c: eplb_xfer.create_communicator(
+            "nixl", None, [c.weights[0], c.weights[0]], c.buffer
+        ),
+    ),
+    (
+        "nixl_buffer_overlaps_weights",
+        ValueError,
+        "shares memory",
+        lambda c: eplb_xfer.create_communicator(
+            "nixl", None, c.weights, [t.view(t.shape) for t in c.weights[0]]
+        ),
+    ),
+    (
+        "weights_require_grad",
+        ValueError,
+        "requires_grad",
+        lambda c: eplb_xfer.create_communicator(
+            "nixl",
+            None,
+            [[t.clone().float().requires_grad_() for t in lw[:1]] for lw in c.weights],
+            [c.buffer[0].float()],
+        ),
+    ),
+    # -- odd placements and options --------------------------------------------------
+    ("old_meta_tensor", ValueError, "old_indices", lambda c: c.run(old=torch.zeros(2, 6, dtype=torch.long, device="meta"))),
+    ("old_ragged_list", ValueError, "old_indices", lambda c: c.run(old=[[0, 1, 2], [0, 1]])),
+    (
+        "old_uint64_that_wraps",
+        ValueError,
+        "old_indices",
+        lambda c: c.run(old=c.old.astype(np.uint64) + np.uint64(2**63)),
+    ),
+    ("node_of_rank_float", TypeError, "node_of_rank", lambda c: c.run(node_of_rank=[0.0, 1.0])),
+    ("node_of_rank_huge", ValueError, "node_of_rank", lambda c: c.run(node_of_rank=[0, 2**40])),
+    ("node_of_rank_not_list", TypeError, "node_of_rank", lambda c: c.run(node_of_rank=3)),
+    ("rank_mapping_not_dict", TypeError, "rank_mapping", lambda c: c.run(rank_mapping=[0, 1])),
+    (
+        "rank_mapping_bad_keys",
+        ValueError,
+        "rank_mapping",
+        lambda c: c.run(rank_mapping={0: 0, 5: 1}),
+    ),
+    ("on_layer_not_callable", TypeError, "on_layer", lambda c: c.run(on_layer=3)),
+    (
+        "direction_unknown",
+        ValueError,
+        "direction",
+        lambda c: eplb_xfer.create_communicator(
+            "nixl", None, c.weights, c.buffer, direction="sideways"
+        ),
+    ),
+    (
+        "schedule_unknown",
+        ValueError,
+        "schedule",
+        lambda c: eplb_xfer.create_communicator(
+            "nixl", None, c.weights, c.buffer, schedule="whenever"
         ),
     ),
     # -- after close ------------------------------------------------------------------
@@ -478,7 +631,7 @@ CASES: list[Case] = [
         "torch_add_send_not_tensor",
         TypeError,
         "tensors[0]",
-        lambda c: c.torch_comm.add_send(["x"], 0, 1),
+        lambda c: c.torch_comm.add_send(["x", *_rows(c.weights[0], 0)[1:]], 0, 1),
     ),
 ]
 
@@ -486,13 +639,8 @@ CASES: list[Case] = [
 def run_all(rank: int, world: int) -> dict[str, tuple[str, str, bool]]:
     """Runs every case; returns ``name -> (exception type, message, nothing changed)``
     plus ``"__reuse__"``: the mismatches of a real rebalance afterwards."""
-    from workers import MIXED, scenario
-
-    from eplb_xfer.testing import build_weights
-
-    seed = 5
-    old, new, E = scenario(seed, world, 2, 3, empty=1)
-    weights, buffer = build_weights(MIXED, old, rank, world, E, seed)
+    old, new, _e = scenario(5, world, 2, 3, empty=1)
+    weights, buffer = build(MIXED, old, rank, world)
     snap, buf_snap = snapshot(weights), snapshot([buffer])
     nixl = eplb_xfer.NixlCommunicator(None, weights, buffer, timeout_s=30.0)
     staged = eplb_xfer.NixlCommunicator(None, weights, buffer, mode="staged", timeout_s=30.0)
@@ -500,20 +648,9 @@ def run_all(rank: int, world: int) -> dict[str, tuple[str, str, bool]]:
     closed.close()
     closed_torch = eplb_xfer.TorchCommunicator(None)
     closed_torch.close()
-    ctx = Ctx(
-        rank,
-        world,
-        old,
-        new,
-        E,
-        weights,
-        buffer,
-        nixl,
-        staged,
-        eplb_xfer.TorchCommunicator(None),
-        closed,
-        closed_torch,
-    )
+    torch_comm = eplb_xfer.create_communicator("torch", None, weights, buffer)
+    assert isinstance(torch_comm, eplb_xfer.TorchCommunicator)
+    ctx = Ctx(rank, world, old, new, weights, buffer, nixl, staged, torch_comm, closed, closed_torch)
     out: dict[str, Any] = {}
     for name, _exc, _text, call in CASES:
         try:
@@ -521,17 +658,17 @@ def run_all(rank: int, world: int) -> dict[str, tuple[str, str, bool]]:
             kind, msg = "no exception", ""
         except Exception as e:  # noqa: BLE001 - the test compares the type
             kind, msg = type(e).__name__, str(e)
-        same = len(unchanged_layers(weights, snap)) == len(weights)
-        same = same and len(unchanged_layers([buffer], buf_snap)) == 1
+        same = len(unchanged(weights, snap)) == len(weights)
+        same = same and len(unchanged([buffer], buf_snap)) == 1
         out[name] = (kind, msg, same)
     errors = []
     for comm in (nixl, staged, ctx.torch_comm):
-        weights_now, _ = build_weights(MIXED, old, rank, world, E, seed)
-        for lw, fresh in zip(weights, weights_now):
-            for t, f in zip(lw, fresh):
+        fresh, _ = build(MIXED, old, rank, world)
+        for lw, fl in zip(weights, fresh):
+            for t, f in zip(lw, fl):
                 t.copy_(f)
         eplb_xfer.rearrange_expert_weights_inplace(old, new, weights, buffer, None, comm)
-        errors += verify(MIXED, weights, old, new, rank, world, E, seed)
+        errors += check(MIXED, weights, old, new, rank, world)
     out["__reuse__"] = errors
     for comm in (nixl, staged):
         comm.close()

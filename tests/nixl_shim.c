@@ -95,8 +95,6 @@ FWD(get_local_md, (h_t a, void **d, size_t *l), (a, d, l))
 FWD(load_remote_md, (h_t a, const void *d, size_t l, char **n), (a, d, l, n))
 FWD(invalidate_remote_md, (h_t a, const char *n), (a, n))
 FWD(destroy_xfer_dlist, (h_t d), (d))
-FWD(release_xfer_dlist_handle, (h_t a, h_t h), (a, h))
-FWD(post_xfer_req, (h_t a, h_t r, h_t o), (a, r, o))
 FWD(release_xfer_req, (h_t a, h_t r), (a, r))
 FWD(destroy_xfer_req, (h_t r), (r))
 FWD(create_notif_map, (h_t *m), (m))
@@ -111,10 +109,11 @@ FWD(notif_map_clear, (h_t m), (m))
 
 /* ---- descriptor lists: remember local addresses (for corrupt_read) ---- */
 #define MAXL 64
+#define MAXP 256
 #define MAXD 4096
 struct dl { h_t list; int n; uintptr_t addr[MAXD]; };
-static struct dl dls[MAXL];
-static struct { h_t handle; int slot; } preps[MAXL];
+static struct dl dls[MAXL];   /* lists being built */
+static struct dl preps[MAXP]; /* prepared local lists: handle -> addresses */
 
 static st_t (*r_create_xfer_dlist)(int, h_t *, bool);
 st_t nixl_capi_create_xfer_dlist(int t, h_t *d, bool s) {
@@ -137,15 +136,23 @@ static st_t (*r_prep)(h_t, const char *, h_t, h_t *, h_t);
 st_t nixl_capi_prep_xfer_dlist(h_t a, const char *name, h_t d, h_t *h, h_t o) {
     if (!r_prep) r_prep = sym("nixl_capi_prep_xfer_dlist");
     st_t st = r_prep(a, name, d, h, o);
-    if (st == 0 && name && !name[0]) { /* a local list */
+    if (st == 0 && name && !name[0]) { /* a local list: keep its addresses */
         for (int i = 0; i < MAXL; i++)
             if (dls[i].list == d)
-                for (int j = 0; j < MAXL; j++)
-                    if (!preps[j].handle) { preps[j].handle = *h; preps[j].slot = i; break; }
+                for (int j = 0; j < MAXP; j++)
+                    if (!preps[j].list) { preps[j] = dls[i]; preps[j].list = *h; break; }
     }
     for (int i = 0; i < MAXL; i++)
         if (dls[i].list == d) dls[i].list = NULL; /* the list itself is destroyed next */
     return st;
+}
+
+static st_t (*r_release_list)(h_t, h_t);
+st_t nixl_capi_release_xfer_dlist_handle(h_t a, h_t h) {
+    if (!r_release_list) r_release_list = sym("nixl_capi_release_xfer_dlist_handle");
+    for (int j = 0; j < MAXP; j++)
+        if (preps[j].list == h) preps[j].list = NULL;
+    return r_release_list(a, h);
 }
 
 static struct { h_t req; uintptr_t addr; uint64_t seq; int op; } reqs[256];
@@ -157,9 +164,9 @@ st_t nixl_capi_make_xfer_req(h_t a, int op, h_t lh, const int *li, size_t ln, h_
     st_t st = r_make(a, op, lh, li, ln, rh, ri, rn, req, o);
     if (st == 0 && ln > 0) {
         uintptr_t addr = 0;
-        for (int j = 0; j < MAXL; j++)
-            if (preps[j].handle == lh && li[0] >= 0 && li[0] < dls[preps[j].slot].n)
-                addr = dls[preps[j].slot].addr[li[0]];
+        for (int j = 0; j < MAXP; j++)
+            if (preps[j].list == lh && li[0] >= 0 && li[0] < preps[j].n)
+                addr = preps[j].addr[li[0]];
         for (int i = 0; i < 256; i++)
             if (!reqs[i].req) {
                 reqs[i].req = *req; reqs[i].addr = addr; reqs[i].seq = last_ready_seq;
@@ -170,10 +177,8 @@ st_t nixl_capi_make_xfer_req(h_t a, int op, h_t lh, const int *li, size_t ln, h_
     return st;
 }
 
-static st_t (*r_status)(h_t, h_t);
-st_t nixl_capi_get_xfer_status(h_t a, h_t req) {
-    if (!r_status) r_status = sym("nixl_capi_get_xfer_status");
-    st_t st = r_status(a, req);
+/* A completed READ of the fault's exchange: corrupt or fail it. */
+static st_t on_done(h_t req, st_t st) {
     for (int i = 0; i < 256; i++) {
         if (reqs[i].req != req) continue;
         if (reqs[i].op == 0 && reqs[i].seq == fault_seq) {
@@ -187,6 +192,20 @@ st_t nixl_capi_get_xfer_status(h_t a, h_t req) {
         break;
     }
     return st;
+}
+
+static st_t (*r_post)(h_t, h_t, h_t);
+st_t nixl_capi_post_xfer_req(h_t a, h_t req, h_t o) {
+    if (!r_post) r_post = sym("nixl_capi_post_xfer_req");
+    st_t st = r_post(a, req, o);
+    return st == 1 ? st : on_done(req, st);
+}
+
+static st_t (*r_status)(h_t, h_t);
+st_t nixl_capi_get_xfer_status(h_t a, h_t req) {
+    if (!r_status) r_status = sym("nixl_capi_get_xfer_status");
+    st_t st = r_status(a, req);
+    return st == 1 ? st : on_done(req, st);
 }
 
 /* ---- messages ---- */

@@ -1,78 +1,68 @@
-"""``verify=True``: every received expert is checked against its source's checksum."""
+"""``verify=True``: every received expert is checked against its source's
+checksum before any rank may commit the layer."""
 
 from __future__ import annotations
 
 import pytest
+import torch
 import workers
+
+from eplb_xfer import _core
+from eplb_xfer._tensors import expert_checksums
 
 
 @pytest.mark.parametrize("mode", ["zero_copy", "staged"])
 def test_verified_rebalances_are_byte_exact(world, mode):
-    reports = world(workers.rebalance_cases, 3, "nixl", mode, [1, 2, 3], True)
-    received = 0
+    reports = world(workers.rebalance_cases, 3, "nixl", [1, 2, 3], mode=mode, verify=True)
     for rank_report in reports:
-        for seed, errors, got, _staging in rank_report:
-            assert errors == [], f"seed {seed}: {errors[:3]}"
-            received += got
-    assert received > 0
+        for case in rank_report:
+            assert case["errors"] == [], case["errors"][:3]
 
 
 @pytest.mark.parametrize("mode", ["zero_copy", "staged"])
-def test_verified_vllm_call_style(world, mode):
-    for rank_report in world(workers.vllm_style_cases, 2, mode, [21, 22], False, True):
-        for seed, errors, _staging, exchanges in rank_report:
-            assert errors == [], f"seed {seed}: {errors[:3]}"
-            assert exchanges == 2
+def test_data_corrupted_in_flight_fails_the_layer_everywhere(world, mode):
+    """Rank 0's first completed READ of layer 1 is corrupted after it landed:
+    every rank raises naming a source rank 0 read from, at layer 1, and no
+    rank commits layer 1."""
+    results = world(workers.corrupt_read, 3, mode, 0, 3)
+    peers = {r["peer"] for r in results}
+    assert len(peers) == 1, results  # everyone names the same rank
+    for r in results:
+        assert r["kind"] == "TransferError", r
+        assert r["blame"] == "checksum", r
+        assert r["layer"] == 1 and r["committed"] == [0], r
+        assert r["errors"] == [] and r["untouched"], r
+    assert results[0]["peer"] != 0
 
 
-@pytest.mark.parametrize("mode", ["zero_copy", "staged"])
-def test_corrupted_source_row_fails_the_layer_everywhere(world, mode):
-    culprit, layer = 1, 1
-    for rank, (outcome, errors, untouched) in enumerate(
-        world(workers.corrupt_source, 3, mode, culprit, layer)
-    ):
-        kind, peer, failed, committed, msg = outcome
-        assert kind == "TransferError", (rank, outcome)
-        assert peer == culprit, msg
-        assert failed == layer, msg
-        assert committed == [0], msg
-        assert errors == []
-        assert untouched  # the failed layer and later ones are bit-identical
-    assert "checksum mismatch" in msg or "aborted" in msg
-
-
-def test_checksums_see_flipped_and_swapped_bytes():
-    import torch
-
-    from eplb_xfer._tensors import row_checksums
-
-    g = torch.Generator().manual_seed(0)
-    w = torch.randint(0, 256, (4, 8, 16), dtype=torch.uint8, generator=g)
-    s = torch.randn(4, 5, generator=g).to(torch.bfloat16)
-    base = row_checksums([w, s], range(4))
-    assert len(set(base)) == 4
-    flipped = w.clone()
-    flipped[2, 3, 4] ^= 1
-    assert row_checksums([flipped, s], [2]) != [base[2]]
-    swapped = w.clone()
-    swapped[1, 0], swapped[1, 1] = w[1, 1].clone(), w[1, 0].clone()
-    if not torch.equal(swapped, w):
-        assert row_checksums([swapped, s], [1]) != [base[1]]
-    # the same bytes give the same checksum whatever the dtype and stride
-    view = torch.empty(4, 2, 8, 16, dtype=torch.uint8)[:, 0]
-    view.copy_(w)
-    assert row_checksums([view, s], range(4)) == base
-
-
-def test_host_and_torch_checksums_agree():
-    import torch
-
-    from eplb_xfer._tensors import _torch_expert_checksums, expert_checksums
-
+def test_host_and_device_checksums_agree_and_see_changes():
     g = torch.Generator().manual_seed(1)
     shapes = [(7,), (10,), (3, 4096), (5, 8192 + 6), (2, 3)]
     rows = [torch.randint(0, 256, s, dtype=torch.uint8, generator=g) for s in shapes]
     f32 = torch.randn(6, 33, generator=g)
     experts = [rows, [f32[0], rows[1]], [f32[5]], [torch.zeros(4096, dtype=torch.uint8)]]
-    assert expert_checksums(experts) == _torch_expert_checksums(experts)
-    assert len(set(expert_checksums(experts))) == len(experts)
+    host = expert_checksums(experts)
+    assert len(set(host)) == len(experts)
+    parts = []
+    for rows_ in experts:
+        p = []
+        for r in rows_:
+            b = r.reshape(-1).view(torch.uint8)
+            c = _core.checksum_block_width(b.numel())
+            blocks = b.view(-1, c).to(torch.int64)
+            by_block = blocks.sum(1)
+            by_col = blocks.sum(0)
+            w_b = torch.arange(1, by_block.numel() + 1)
+            w_c = torch.arange(1, c + 1)
+            p.append(
+                (
+                    int(by_block.sum()),
+                    int((by_block * w_b).sum()) & (2**64 - 1),
+                    int((by_col * w_c).sum()) & (2**64 - 1),
+                )
+            )
+        parts.append(p)
+    assert _core.checksums_from_parts(parts) == host
+    flipped = [r.clone() for r in rows]
+    flipped[2][1, 5] ^= 1
+    assert expert_checksums([flipped])[0] != host[0]

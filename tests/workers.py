@@ -1,233 +1,278 @@
-"""Rank functions run in spawned processes by the tests (must be importable)."""
+"""Rank functions run in spawned processes by the tests (must be importable).
+
+Each returns plain data; the test process asserts on it.
+"""
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
+import time
+from typing import Any
+
 import numpy as np
 import torch
-
-import eplb_xfer
-from eplb_xfer._tensors import copy_rows, copy_runs
-from eplb_xfer.testing import (
-    TensorSpec,
-    build_weights,
-    random_placement,
+import torch.distributed as dist
+from harness import (
+    MIXED,
+    build,
+    check,
+    rss_bytes,
+    scenario,
     snapshot,
-    unchanged_layers,
-    verify,
+    unchanged,
+    use_shim,
+    vllm_commit,
+    vllm_layer_moves,
 )
 
-MIXED = [
-    TensorSpec("w13", torch.uint8, (8, 12)),
-    TensorSpec("s13", torch.float32, (2, 3)),
-    TensorSpec("b13", torch.bfloat16, (5,)),
-    TensorSpec("w2", torch.uint8, (12, 4)),
-]
+import eplb_xfer
+from eplb_xfer import _core
 
 
-def scenario(seed: int, world: int, layers: int, n_local: int, empty: int = 1, experts=None):
-    rng = np.random.default_rng(seed)
-    num_slots = world * n_local
-    num_experts = experts or max(1, num_slots - world - empty)
-    old = random_placement(rng, layers, num_experts, num_slots, empty)
-    new = random_placement(rng, layers, num_experts, num_slots, empty)
-    return old, new, num_experts
-
-
-def make_comm(
-    backend: str, weights, buffer, mode: str = "zero_copy", timeout_s: float = 30.0, verify=False
-):
+def make_comm(backend: str, weights, buffer, **options: Any) -> eplb_xfer.EplbCommunicator:
     if backend == "torch":
+        options.pop("mode", None)
         return eplb_xfer.create_communicator("torch", None, weights, buffer)
-    return eplb_xfer.create_communicator(
-        "nixl", None, weights, buffer, mode=mode, timeout_s=timeout_s, verify=verify
-    )
+    options.setdefault("timeout_s", 30.0)
+    return eplb_xfer.create_communicator("nixl", None, weights, buffer, **options)
 
 
-def rebalance_cases(
-    rank: int, world: int, backend: str, mode: str, seeds: list[int], verify_sums: bool = False
-):
-    """Several random rebalances through the driver; returns mismatch lists."""
+# -- the driver ---------------------------------------------------------------------
+
+
+def rebalance_cases(rank: int, world: int, backend: str, seeds: list[int], **options: Any):
+    """Random rebalances through the driver; per seed the mismatches."""
     report = []
     for seed in seeds:
-        layers = 1 + seed % 3
-        n_local = 2 + seed % 3
-        old, new, E = scenario(seed, world, layers, n_local, empty=seed % 2)
+        layers, n_local = 1 + seed % 3, 2 + seed % 3
+        old, new, _e = scenario(seed, world, layers, n_local, empty=seed % 2)
         if seed % 5 == 0:
-            new = old.copy()  # the no-change case
-        weights, buffer = build_weights(MIXED, old, rank, world, E, seed)
-        comm = make_comm(backend, weights, buffer, mode, verify=verify_sums)
+            new = old.copy()  # nothing moves
+        weights, buffer = build(MIXED, old, rank, world)
+        comm = make_comm(backend, weights, buffer, **options)
         try:
             stats = eplb_xfer.rearrange_expert_weights_inplace(
                 old, new, weights, buffer, None, comm
             )
+            directions = getattr(comm, "directions", None)
         finally:
             comm.close()
-        errs = verify(MIXED, weights, old, new, rank, world, E, seed)
         assert stats.layers == len(stats.layer_seconds) == layers
         assert stats.bytes_received == sum(stats.per_peer_bytes.values())
-        report.append((seed, errs, stats.experts_received, comm.staging_bytes))
-    return report
-
-
-def vllm_style_cases(
-    rank: int, world: int, mode: str, seeds: list[int], pass_old: bool, verify_sums: bool = False
-):
-    """Drives a NixlCommunicator the way vLLM's EPLB driver does: per layer
-    set_transfer_context, add_send/add_recv per expert, execute(), then the
-    caller commits the buffer. Returns mismatch lists and counters."""
-    report = []
-    for seed in seeds:
-        old, new, E = scenario(seed, world, 2, 3, empty=1)
-        weights, buffer = build_weights(MIXED, old, rank, world, E, seed)
-        comm = eplb_xfer.NixlCommunicator(
-            None, weights, buffer, mode=mode, timeout_s=30.0, verify=verify_sums
+        report.append(
+            {
+                "seed": seed,
+                "errors": check(MIXED, weights, old, new, rank, world),
+                "received": stats.experts_received,
+                "staging": comm.staging_bytes,
+                "directions": directions,
+            }
         )
-        plan = eplb_xfer.plan_rebalance(old, new, world)
-        for layer in range(old.shape[0]):
-            w = weights[layer]
-            copy_rows(buffer, w, [(s, d) for _e, s, d in plan.local_copies(layer, rank)])
-            if not pass_old:
-                comm.set_transfer_context(torch.from_numpy(old), layer)
-            else:
-                comm.set_transfer_context(old[layer], layer)
-            for e, src_row, readers in plan.sends(layer, rank):
-                for r in readers:
-                    comm.add_send([t[src_row] for t in w], r, e)
-            for e, src, _src_row, dst in plan.recvs(layer, rank):
-                comm.add_recv([b[dst] for b in buffer], src, e)
-            if pass_old:
-                comm.execute(old_indices=old[layer])
-            else:
-                comm.execute()
-            copy_rows(buffer, buffer, [(s, d) for _e, s, d in plan.dup_fills(layer, rank)])
-            copy_runs(w, buffer, plan.changed_runs(layer, rank))
-        errs = verify(MIXED, weights, old, new, rank, world, E, seed)
-        report.append((seed, errs, comm.staging_bytes, comm.exchanges))
-        comm.close()
     return report
 
 
 def repeated_rebalances(rank: int, world: int, mode: str, rounds: int):
     """One communicator, several rebalances: prepared lists are built once."""
-    seed = 100
-    old, _, E = scenario(seed, world, 2, 3, empty=0)
-    weights, buffer = build_weights(MIXED, old, rank, world, E, seed)
+    old, _, experts = scenario(100, world, 2, 3)
+    weights, buffer = build(MIXED, old, rank, world)
     comm = eplb_xfer.NixlCommunicator(None, weights, buffer, mode=mode, timeout_s=30.0)
-    built_after_setup = comm.prepared_lists_built
-    rng = np.random.default_rng(seed + 1)
+    lists_after_setup = comm.counters["prepared_lists_live"]
+    rng = np.random.default_rng(101)
     errors = []
     cur = old
-    from eplb_xfer.testing import random_placement
+    from harness import placement
 
     for _ in range(rounds):
-        nxt = random_placement(rng, cur.shape[0], E, cur.shape[1], 0)
+        nxt = placement(rng, cur.shape[0], experts, cur.shape[1])
         eplb_xfer.rearrange_expert_weights_inplace(cur, nxt, weights, buffer, None, comm)
-        errors += verify(MIXED, weights, old, nxt, rank, world, E, seed)
+        errors += check(MIXED, weights, old, nxt, rank, world)
         cur = nxt
-    out = (
-        built_after_setup,
-        comm.prepared_lists_built,
-        comm.staging_bytes,
-        errors,
-        comm.node_of_rank,
-    )
+    out = {
+        "lists_after_setup": lists_after_setup,
+        "lists_end": comm.counters["prepared_lists_live"],
+        "requests_live": comm.counters["requests_live"],
+        "staging": comm.staging_bytes,
+        "errors": errors,
+        "nodes": comm.node_of_rank,
+        "directions": comm.directions,
+    }
     comm.close()
+    out["agents_after_close"] = _core.live_agents()
     return out
 
 
-def bad_input_then_reuse(rank: int, world: int, backend: str, mode: str):
-    """Bad calls raise before anything moves; the communicator stays usable."""
-    seed = 7
-    old, new, E = scenario(seed, world, 2, 3, empty=1)
-    weights, buffer = build_weights(MIXED, old, rank, world, E, seed)
-    snapshot = [[t.clone() for t in layer] for layer in weights]
-    comm = make_comm(backend, weights, buffer, mode)
-    caught = []
-
-    def expect(exc_type, fn):
-        try:
-            fn()
-        except exc_type as e:
-            caught.append(str(e))
-            return
-        raise AssertionError(f"expected {exc_type.__name__}")
-
-    run = eplb_xfer.rearrange_expert_weights_inplace
-    expect(ValueError, lambda: run(old[:1], new, weights, buffer, None, comm))
-    expect(ValueError, lambda: run(old, new[:, :-1], weights, buffer, None, comm))
-    bad = new.copy()
-    bad[0, 0] = -5
-    expect(ValueError, lambda: run(old, bad, weights, buffer, None, comm))
-    missing = new.copy()
-    missing[1, 0] = E + 50  # no slot of old holds it
-    expect(ValueError, lambda: run(old, missing, weights, buffer, None, comm))
-    expect(TypeError, lambda: run(old.astype(np.float32), new, weights, buffer, None, comm))
-    expect(ValueError, lambda: run(old, new, weights[:1], buffer, None, comm))
-    expect(ValueError, lambda: run(old, new, weights, buffer[:2], None, comm))
-    if backend == "nixl":
-        clones = [[t.clone() for t in layer] for layer in weights]
-        expect(ValueError, lambda: run(old, new, clones, buffer, None, comm))  # not registered
-        expect(ValueError, lambda: comm.add_recv([t[0] for t in weights[0]], 0, 1))
-        expect(ValueError, lambda: comm.add_send([buffer[0][0]], 0, 1))
-        expect(ValueError, lambda: comm.add_recv([b[0] for b in buffer], world + 3, 1))
-        expect(ValueError, lambda: comm.execute())  # no transfer context yet
-        n_local = old.shape[1] // world
-        mine = [int(e) for e in old[0, rank * n_local : (rank + 1) * n_local] if e >= 0]
-        comm.set_transfer_context(old[0], 0)
-        comm.add_send([b[0] for b in buffer], (rank + 1) % world, mine[0])
-        expect(ValueError, lambda: comm.execute())  # zero-copy sends must be weight rows
-        comm.set_transfer_context(old[0], 0)
-        comm.add_recv([b[0] for b in buffer], (rank + 1) % world, E + 99)
-        expect(ValueError, lambda: comm.execute())  # the source does not hold it
-    untouched = all(torch.equal(a, b) for la, lb in zip(weights, snapshot) for a, b in zip(la, lb))
-    run(old, new, weights, buffer, None, comm)
-    errs = verify(MIXED, weights, old, new, rank, world, E, seed)
-    comm.close()
-    return untouched, errs, caught
+# -- vLLM's call sequence -------------------------------------------------------------
 
 
-def nixl_unloadable(rank: int, world: int, lib_path: str):
-    """A missing or foreign library gives NixlUnavailable, not an abort."""
-    weights, buffer = build_weights(MIXED, np.array([[0, 1]]), rank, world, 2, 0)
-    try:
-        eplb_xfer.NixlCommunicator(None, weights, buffer, lib_path=lib_path)
-    except eplb_xfer.NixlUnavailable as e:
-        return str(e)
-    return None
+def vllm_style(rank: int, world: int, backend: str, seeds: list[int], style: str, **options: Any):
+    """Drives a communicator the way vLLM's EPLB driver does, with vLLM's
+    own sender/receiver choice (``harness.vllm_layer_moves``):
 
-
-def dead_peer(rank: int, world: int, mode: str, victim: int, how: str, layer: int):
-    """``victim`` dies or hangs at a chosen point of a 4-layer rebalance in
-    which every layer moves; survivors report what they saw.
-
-    ``how``: ``exit_after_setup`` / ``hang_after_setup`` (before the
-    rebalance), ``exit_after_layer`` (after committing ``layer``), or one of
-    the engine's fault points ``exit_before_ready``, ``hang_before_done``,
-    ``exit_mid_done`` (DONE of ``layer`` reaches only the lowest peer).
+    * ``"context"``: per layer ``set_transfer_context(old[layer], layer)``,
+      add_send / add_recv, ``execute()``, then the caller commits;
+    * ``"old_indices"``: the older ``execute(old_indices=...)`` style with a
+      freshly allocated buffer for every rebalance (receive targets outside
+      the registered buffer);
+    * ``"thread"``: async EPLB: a background thread moves every layer
+      (``set_stream(None)`` first), the caller commits after each layer;
+    * ``"twice"``: two rebalances on one communicator.
     """
-    import os
-    import time
+    report = []
+    for seed in seeds:
+        old, new, _e = scenario(seed, world, 3, 3, empty=1)
+        weights, buffer = build(MIXED, old, rank, world)
+        comm = make_comm(backend, weights, buffer, **options)
+        assert comm.needs_profile_buffer_reservation is False
+        steps = [(old, new)] if style != "twice" else [(old, new), (new, old)]
+        errors: list[str] = []
+        content = old  # what each slot holds (a -1 of a placement keeps it)
+        for cur, nxt in steps:
+            if style == "thread":
+                errors += _vllm_async(comm, weights, buffer, cur, nxt, rank, world)
+            else:
+                errors += _vllm_sync(comm, weights, buffer, cur, nxt, rank, world, style)
+            errors += check(MIXED, weights, content, nxt, rank, world)
+            content = np.where(nxt >= 0, nxt, content)
+        report.append({"seed": seed, "errors": errors, "staging": comm.staging_bytes})
+        comm.close()
+    return report
 
-    seed = 11
-    rng = np.random.default_rng(seed)
-    n_local, L = 3, 4
-    E = world * n_local - world
-    old = random_placement(rng, L, E, world * n_local, 0)
+
+def _vllm_layer(comm, weights, buffer, cur, nxt, layer, rank, world, style):
+    moves = vllm_layer_moves(cur[layer], nxt[layer], rank, world)
+    local, sends, recvs, _dups = moves
+    w = weights[layer]
+    for s, d in local:
+        for b, t in zip(buffer, w):
+            b[d].copy_(t[s])
+    received: dict[int, list[torch.Tensor]] | None = None
+    if style == "old_indices":
+        # a freshly allocated receive tensor per expert (older vLLM allocated
+        # a new buffer every rebalance)
+        received = {d: [torch.empty_like(b[d]) for b in buffer] for _src, _e, d in recvs}
+    if style != "old_indices" or getattr(comm, "mode", "staged") == "zero_copy":
+        comm.set_transfer_context(cur[layer], layer)
+    n = cur.shape[1] // world
+    mine = cur[layer, rank * n : (rank + 1) * n]
+    for dst, e in sends:
+        row = int(np.flatnonzero(mine == e)[0])
+        comm.add_send([t[row] for t in w], dst, expert_id=e)
+    for src, e, d in recvs:
+        targets = received[d] if received is not None else [b[d] for b in buffer]
+        comm.add_recv(targets, src, expert_id=e)
+    if style == "old_indices":
+        comm.execute(old_indices=cur[layer])
+    else:
+        comm.execute()
+    return moves, received
+
+
+def _vllm_sync(comm, weights, buffer, cur, nxt, rank, world, style):
+    for layer in range(cur.shape[0]):
+        moves, received = _vllm_layer(comm, weights, buffer, cur, nxt, layer, rank, world, style)
+        vllm_commit(weights[layer], buffer, moves, nxt[layer], rank, world, received)
+    return []
+
+
+def _vllm_async(comm, weights, buffer, cur, nxt, rank, world):
+    """A background thread moves one layer at a time; the main thread
+    commits each layer once the worker published it."""
+    done = threading.Semaphore(0)
+    consumed = threading.Semaphore(0)
+    results: list[Any] = []
+    failure: list[BaseException] = []
+
+    def worker() -> None:
+        try:
+            comm.set_stream(None)
+            for layer in range(cur.shape[0]):
+                results.append(_vllm_layer(comm, weights, buffer, cur, nxt, layer, rank, world, "context"))
+                done.release()
+                consumed.acquire()
+        except BaseException as e:  # report to the main thread
+            failure.append(e)
+            done.release()
+
+    t = threading.Thread(target=worker, daemon=True)
+    t.start()
+    for layer in range(cur.shape[0]):
+        done.acquire()
+        if failure:
+            raise failure[0]
+        moves, received = results[layer]
+        vllm_commit(weights[layer], buffer, moves, nxt[layer], rank, world, received)
+        consumed.release()
+    t.join(30)
+    return [] if not t.is_alive() else ["async worker did not finish"]
+
+
+def elastic(rank: int, world: int, backend: str, direction: str):
+    """vLLM's elastic EP through ``rank_mapping``. ``"down"``: 3 ranks, rank 2
+    leaves (it only sends); ``"up"``: 3 ranks, rank 2 is new (holds nothing)."""
+    n = 3
+    rng = np.random.default_rng(7)
+    experts = 5
+    from harness import placement
+
+    if direction == "down":
+        old = placement(rng, 2, experts, world * n)  # all 3 ranks hold experts
+        new_small = placement(rng, 2, experts, (world - 1) * n)  # 2 ranks remain
+        mapping = {0: 0, 1: 1, 2: -1}
+        wide_new = np.full_like(old, -1)
+        wide_new[:, : 2 * n] = new_small
+        start, expect_new = old, wide_new
+        call_old, call_new = old, new_small
+    else:
+        old_small = placement(rng, 2, experts, (world - 1) * n)
+        new = placement(rng, 2, experts, world * n)
+        mapping = {0: 0, 1: 1}
+        wide_old = np.full((2, world * n), -1, dtype=np.int64)
+        wide_old[:, : 2 * n] = old_small
+        start, expect_new = wide_old, new
+        call_old, call_new = old_small, new
+    weights, buffer = build(MIXED, start, rank, world)
+    comm = make_comm(backend, weights, buffer)
+    try:
+        eplb_xfer.rearrange_expert_weights_inplace(
+            call_old, call_new, weights, buffer, None, comm, rank_mapping=mapping
+        )
+    finally:
+        comm.close()
+    return check(MIXED, weights, start, expect_new, rank, world)
+
+
+# -- failures -------------------------------------------------------------------------
+
+
+def dead_peer(rank: int, world: int, mode: str, victims: list[int], how: str, seq: int):
+    """``victims`` fail at a chosen point of a 4-layer rebalance in which every
+    layer moves (exchange ``seq``: 1 = opening handshake, layer l = l + 2,
+    closing handshake = 6); survivors report what they saw.
+
+    ``how``: a shim fault (``exit_before_ready``, ``hang_before_done``,
+    ``exit_mid_done``, ``mute``) at ``seq``; ``exit_after_layer`` (the
+    caller exits after committing layer ``seq``); ``kill_after_setup``.
+    """
+    n_local, layers = 3, 4
+    experts = world * n_local - world
+    rng = np.random.default_rng(11)
+    from harness import placement
+
+    old = placement(rng, layers, experts, world * n_local)
     new = np.roll(old, n_local, axis=1)  # every rank gets another rank's experts
-    weights, buffer = build_weights(MIXED, old, rank, world, E, seed)
+    weights, buffer = build(MIXED, old, rank, world)
     snap = snapshot(weights)
-    if rank == victim and how in ("exit_before_ready", "hang_before_done", "exit_mid_done"):
-        os.environ["EPLB_XFER_FAULT"] = f"{how}:{layer}"
+    victim = rank in victims
+    use_shim(f"{how}:{seq}" if victim and how not in ("exit_after_layer", "kill_after_setup") else None)
     comm = eplb_xfer.NixlCommunicator(None, weights, buffer, mode=mode, timeout_s=3.0)
-    torch.distributed.barrier()  # every rank finished set-up
-    if rank == victim:
-        if how == "exit_after_setup":
-            os._exit(17)
-        if how == "hang_after_setup":
-            time.sleep(3600)
+    dist.barrier()
+    if victim and how == "kill_after_setup":
+        os.kill(os.getpid(), signal.SIGKILL)
 
     def on_layer(done: int) -> None:
-        if rank == victim and how == "exit_after_layer" and done == layer:
+        if victim and how == "exit_after_layer" and done == seq:
             os._exit(17)
 
     t0 = time.monotonic()
@@ -235,63 +280,407 @@ def dead_peer(rank: int, world: int, mode: str, victim: int, how: str, layer: in
         eplb_xfer.rearrange_expert_weights_inplace(
             old, new, weights, buffer, None, comm, on_layer=on_layer
         )
-        outcome = ("no error", None, None, None, "")
+        outcome: dict[str, Any] = {"kind": "ok", "peer": None, "layer": None, "committed": None}
     except eplb_xfer.TransferError as e:
-        outcome = ("TransferError", e.peer, e.layer, e.committed_layers, str(e))
+        outcome = {
+            "kind": "TransferError",
+            "peer": e.peer,
+            "layer": e.layer,
+            "committed": e.committed_layers,
+            "blame": e.blame,
+            "msg": str(e),
+        }
     elapsed = time.monotonic() - t0
-    committed = outcome[3] or []
-    errs = verify(MIXED, weights, old, new, rank, world, E, seed, layers=committed)
-    untouched = set(unchanged_layers(weights, snap)) >= set(range(L)) - set(committed)
+    committed = outcome["committed"] if outcome["committed"] is not None else list(range(layers))
     counters = comm.counters
-    try:  # a failed communicator refuses further work instead of timing out again
+    try:
         eplb_xfer.rearrange_expert_weights_inplace(old, new, weights, buffer, None, comm)
         reuse = "no error"
-    except RuntimeError as e:
+    except RuntimeError as e:  # TransferError included
         reuse = f"{type(e).__name__}: {e}"
+    t1 = time.monotonic()
     comm.close()
-    from eplb_xfer import _core
+    outcome.update(
+        elapsed=elapsed,
+        close_s=time.monotonic() - t1,
+        errors=check(MIXED, weights, old, new, rank, world, layers=committed),
+        untouched=set(unchanged(weights, snap)) >= set(range(layers)) - set(committed),
+        requests_live=counters["requests_live"],
+        failed_peers=counters["failed_peers"],
+        agents=_core.live_agents(),
+        reuse=reuse,
+    )
+    return outcome
 
+
+def corrupt_read(rank: int, world: int, mode: str, reader: int, seq: int):
+    """With ``verify=True``, the bytes of the first READ that ``reader``
+    completes in exchange ``seq`` are changed after they landed (corrupted in
+    flight). Every rank must raise TransferError naming the source; no rank
+    commits that layer."""
+    n_local, layers = 3, 3
+    experts = world * n_local - world
+    rng = np.random.default_rng(13)
+    from harness import placement
+
+    old = placement(rng, layers, experts, world * n_local)
+    new = np.roll(old, n_local, axis=1)
+    weights, buffer = build(MIXED, old, rank, world)
+    snap = snapshot(weights)
+    use_shim(f"corrupt_read:{seq}" if rank == reader else None)
+    comm = eplb_xfer.NixlCommunicator(
+        None, weights, buffer, mode=mode, timeout_s=10.0, verify=True
+    )
+    plan = eplb_xfer.plan_rebalance(old, new, world, node_of_rank=comm.node_of_rank)
+    sources = sorted({src for _e, src, _s, _d in plan.recvs(seq - 2, reader)})
+    try:
+        eplb_xfer.rearrange_expert_weights_inplace(old, new, weights, buffer, None, comm)
+        out: dict[str, Any] = {"kind": "ok", "committed": list(range(layers))}
+    except eplb_xfer.TransferError as e:
+        out = {
+            "kind": "TransferError",
+            "peer": e.peer,
+            "layer": e.layer,
+            "committed": e.committed_layers,
+            "blame": e.blame,
+        }
+    finally:
+        comm.close()
+    out["first_source"] = sources[0] if sources else None
+    out["errors"] = check(MIXED, weights, old, new, rank, world, layers=out["committed"])
+    out["untouched"] = set(unchanged(weights, snap)) >= set(range(layers)) - set(out["committed"])
+    return out
+
+
+# -- soak ----------------------------------------------------------------------------
+
+
+def soak(rank: int, world: int, mode: str, rounds: int, verify: bool = False):
+    """``rounds`` consecutive rebalances through one NixlCommunicator; every
+    result checked; the counters that must not grow recorded."""
+    from harness import placement
+
+    specs = MIXED
+    n_local, layers = 4, 3
+    slots = world * n_local
+    experts = slots - world
+    rng = np.random.default_rng(2024)
+    first = placement(rng, layers, experts, slots)
+    weights, buffer = build(specs, first, rank, world)
+    comm = eplb_xfer.NixlCommunicator(
+        None, weights, buffer, mode=mode, timeout_s=30.0, verify=verify
+    )
+    errors: list[str] = []
+    seen_requests, seen_lists, buffered_max = set(), set(), 0
+    rss_warm = 0
+    cur = first
+    t0 = time.perf_counter()
+    for i in range(rounds):
+        nxt = placement(rng, layers, experts, slots)
+        eplb_xfer.rearrange_expert_weights_inplace(cur, nxt, weights, buffer, None, comm)
+        errors += check(specs, weights, first, nxt, rank, world)[:3]
+        c = comm.counters
+        seen_requests.add(int(c["requests_live"]))
+        seen_lists.add(int(c["prepared_lists_live"]))
+        buffered_max = max(buffered_max, int(c["buffered"]))
+        cur = nxt
+        if i + 1 == min(20, rounds):
+            rss_warm = rss_bytes()
+    counters = comm.counters
+    comm.close()
     return {
-        "kind": outcome[0],
-        "peer": outcome[1],
-        "layer": outcome[2],
-        "committed": committed,
-        "msg": outcome[4],
-        "errors": errs,
-        "untouched": untouched,
-        "elapsed": elapsed,
-        "requests_live": counters["requests_live"],
-        "failed_peers": counters["failed_peers"],
-        "live_agents_after_close": _core.live_agents(),
-        "reuse": reuse,
+        "errors": errors,
+        "requests_live_seen": sorted(seen_requests),
+        "prepared_lists_live_seen": sorted(seen_lists),
+        "buffered_max": buffered_max,
+        "exchanges": counters["exchanges"],
+        "rss_warm": rss_warm,
+        "rss_end": rss_bytes(),
+        "seconds": time.perf_counter() - t0,
     }
 
 
-def corrupt_source(rank: int, world: int, mode: str, culprit: int, layer: int):
-    """With ``verify=True``, ``culprit`` changes a row it serves at ``layer``
-    after hashing it (test-only fault ``corrupt_send``). Every rank must raise
-    TransferError naming the culprit at that layer; no rank commits it."""
-    import os
-
-    seed = 13
-    rng = np.random.default_rng(seed)
-    n_local, L = 3, 3
-    E = world * n_local - world
-    old = random_placement(rng, L, E, world * n_local, 0)
-    new = np.roll(old, n_local, axis=1)
-    weights, buffer = build_weights(MIXED, old, rank, world, E, seed)
-    snap = snapshot(weights)
-    if rank == culprit:
-        os.environ["EPLB_XFER_FAULT"] = f"corrupt_send:{layer}"
-    comm = eplb_xfer.NixlCommunicator(None, weights, buffer, mode=mode, timeout_s=10.0, verify=True)
+def nixl_unloadable(rank: int, world: int, lib_path: str):
+    """A missing or foreign library gives NixlUnavailable, not an abort."""
+    weights, buffer = build(MIXED, np.array([[0, 1]]), rank, world)
     try:
-        eplb_xfer.rearrange_expert_weights_inplace(old, new, weights, buffer, None, comm)
-        outcome = ("no error", None, None, [], "")
+        eplb_xfer.NixlCommunicator(None, weights, buffer, lib_path=lib_path)
+    except eplb_xfer.NixlUnavailable as e:
+        return str(e)
+    return None
+
+
+# -- adversarial callers (issue: a core that cannot be crashed or fooled) -----------
+
+
+def _small(rank: int, world: int, seed: int = 31, layers: int = 3):
+    from harness import placement
+
+    n_local = 3
+    experts = world * n_local - world
+    rng = np.random.default_rng(seed)
+    old = placement(rng, layers, experts, world * n_local)
+    new = np.roll(old, n_local, axis=1)
+    weights, buffer = build(MIXED, old, rank, world)
+    return old, new, weights, buffer
+
+
+def _outcome(fn) -> dict[str, Any]:
+    t0 = time.monotonic()
+    try:
+        fn()
+        out: dict[str, Any] = {"kind": "ok"}
     except eplb_xfer.TransferError as e:
-        outcome = ("TransferError", e.peer, e.layer, e.committed_layers, str(e))
-    finally:
+        out = {"kind": "TransferError", "peer": e.peer, "layer": e.layer,
+               "committed": e.committed_layers, "blame": e.blame, "msg": str(e)}  # fmt: skip
+    except eplb_xfer.TransferInterrupted as e:
+        out = {"kind": "TransferInterrupted", "layer": e.layer, "committed": e.committed_layers}
+    except Exception as e:  # noqa: BLE001
+        out = {"kind": type(e).__name__, "msg": str(e)}
+    out["elapsed"] = time.monotonic() - t0
+    return out
+
+
+def disagree(rank: int, world: int, what: str):
+    """Rank 1 calls the driver with a different ``new`` (or ``old``)."""
+    old, new, weights, buffer = _small(rank, world)
+    snap, bsnap = snapshot(weights), snapshot([buffer])
+    if rank == 1:
+        if what == "new":
+            new = np.roll(new, 1, axis=1)
+        else:
+            old = old.copy()
+            old[0, 0], old[0, 1] = old[0, 1], old[0, 0]
+    comm = eplb_xfer.NixlCommunicator(None, weights, buffer, timeout_s=10.0)
+    out = _outcome(
+        lambda: eplb_xfer.rearrange_expert_weights_inplace(old, new, weights, buffer, None, comm)
+    )
+    comm.close()
+    out["weights_untouched"] = len(unchanged(weights, snap)) == len(weights)
+    out["buffer_untouched"] = len(unchanged([buffer], bsnap)) == 1
+    return out
+
+
+def vllm_disagree(rank: int, world: int):
+    """vLLM style: rank 0 expects an expert from rank 1 that rank 1 was not
+    told to send (the ranks disagree on ``new``)."""
+    old, _new, weights, buffer = _small(rank, world)
+    comm = eplb_xfer.NixlCommunicator(None, weights, buffer, timeout_s=10.0)
+    snap = snapshot([buffer])
+
+    def run() -> None:
+        comm.set_transfer_context(old[0], 0)
+        if rank == 0:
+            n = old.shape[1] // world
+            e = int(next(x for x in old[0, n : 2 * n] if x >= 0))
+            comm.add_recv([b[0] for b in buffer], 1, expert_id=e)
+        comm.execute()
+
+    out = _outcome(run)
+    comm.close()
+    out["buffer_untouched"] = len(unchanged([buffer], snap)) == 1
+    return out
+
+
+def threads_on_one_communicator(rank: int, world: int):
+    """Rank 1 enters 1.5 s late. Meanwhile, on rank 0, a second thread tries
+    a rebalance on the same communicator (refused at once) and reads the
+    counters (answered at once: no lock or GIL held while waiting)."""
+    old, new, weights, buffer = _small(rank, world)
+    comm = eplb_xfer.NixlCommunicator(None, weights, buffer, timeout_s=20.0)
+    dist.barrier()
+    out: dict[str, Any] = {}
+    if rank == 1:
+        time.sleep(1.5)
+    else:
+        def second() -> None:
+            time.sleep(0.3)
+            out["second"] = _outcome(
+                lambda: eplb_xfer.rearrange_expert_weights_inplace(
+                    old, new, weights, buffer, None, comm
+                )
+            )
+            t0 = time.monotonic()
+            _ = comm.counters
+            out["counters_s"] = time.monotonic() - t0
+            t0 = time.monotonic()
+            _ = [i * i for i in range(1000)]  # Python runs while the first thread waits
+            out["python_s"] = time.monotonic() - t0
+
+        threading.Thread(target=second, daemon=True).start()
+    out["first"] = _outcome(
+        lambda: eplb_xfer.rearrange_expert_weights_inplace(old, new, weights, buffer, None, comm)
+    )
+    out["errors"] = check(MIXED, weights, old, new, rank, world)
+    comm.close()
+    return out
+
+
+def close_from_another_thread(rank: int, world: int):
+    """Rank 1 never enters; rank 0's rebalance is waiting when another of its
+    threads closes the communicator: rank 0's call fails at once, rank 1
+    learns it (it raises naming rank 0 at its next call)."""
+    old, new, weights, buffer = _small(rank, world)
+    comm = eplb_xfer.NixlCommunicator(None, weights, buffer, timeout_s=20.0)
+    dist.barrier()
+    out: dict[str, Any] = {}
+    if rank == 0:
+        def closer() -> None:
+            time.sleep(0.5)
+            t0 = time.monotonic()
+            comm.close()
+            out["close_s"] = time.monotonic() - t0
+
+        threading.Thread(target=closer, daemon=True).start()
+        out["call"] = _outcome(
+            lambda: eplb_xfer.rearrange_expert_weights_inplace(
+                old, new, weights, buffer, None, comm
+            )
+        )
+        time.sleep(1.0)
+    else:
+        time.sleep(1.5)
+        out["call"] = _outcome(
+            lambda: eplb_xfer.rearrange_expert_weights_inplace(
+                old, new, weights, buffer, None, comm
+            )
+        )
         comm.close()
-    committed = outcome[3]
-    errs = verify(MIXED, weights, old, new, rank, world, E, seed, layers=committed)
-    untouched = set(unchanged_layers(weights, snap)) >= set(range(L)) - set(committed)
-    return outcome, errs, untouched
+    out["agents"] = _core.live_agents()
+    return out
+
+
+def sigint_during_rebalance(rank: int, world: int, delay_s: float, seed: int):
+    """Rank 0 gets SIGINT ``delay_s`` into a rebalance whose layers take a
+    while (rank 1 sleeps between layers). Both ranks must agree on the
+    committed layers; rank 0 raises TransferInterrupted, rank 1
+    TransferError naming rank 0."""
+    old, new, weights, buffer = _small(rank, world, seed=seed, layers=4)
+    snap = snapshot(weights)
+    comm = eplb_xfer.NixlCommunicator(None, weights, buffer, timeout_s=20.0)
+    dist.barrier()
+
+    def on_layer(layer: int) -> None:
+        if rank == 1:
+            time.sleep(0.15)
+
+    if rank == 0:
+        threading.Timer(delay_s, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
+    out = _outcome(
+        lambda: eplb_xfer.rearrange_expert_weights_inplace(
+            old, new, weights, buffer, None, comm, on_layer=on_layer
+        )
+    )
+    committed = out.get("committed", list(range(old.shape[0])))
+    out["errors"] = check(MIXED, weights, old, new, rank, world, layers=committed)
+    out["untouched"] = set(unchanged(weights, snap)) >= set(range(old.shape[0])) - set(committed)
+    comm.close()
+    return out
+
+
+def error_after_validation(rank: int, world: int):
+    """vLLM style with verify: on rank 0 the checksum computation fails
+    (after validation, as a torch error would). Rank 0 raises it; rank 1
+    learns at once and raises TransferError naming rank 0 (no timeout)."""
+    import eplb_xfer.nixl as nixl_mod
+
+    old, new, weights, buffer = _small(rank, world)
+    comm = eplb_xfer.NixlCommunicator(None, weights, buffer, timeout_s=30.0, verify=True)
+    if rank == 0:
+        def boom(*a: Any, **k: Any) -> Any:
+            raise RuntimeError("simulated device failure")
+
+        nixl_mod.expert_checksums = boom  # type: ignore[assignment]
+
+    def run() -> None:
+        from harness import vllm_commit
+
+        for layer in range(old.shape[0]):
+            moves = vllm_layer_moves(old[layer], new[layer], rank, world)
+            local, sends, recvs, _d = moves
+            for s, d in local:
+                for b, t in zip(buffer, weights[layer]):
+                    b[d].copy_(t[s])
+            comm.set_transfer_context(old[layer], layer)
+            n = old.shape[1] // world
+            mine = old[layer, rank * n : (rank + 1) * n]
+            for dst, e in sends:
+                row = int(np.flatnonzero(mine == e)[0])
+                comm.add_send([t[row] for t in weights[layer]], dst, expert_id=e)
+            for src, e, d in recvs:
+                comm.add_recv([b[d] for b in buffer], src, expert_id=e)
+            comm.execute()
+            vllm_commit(weights[layer], buffer, moves, new[layer], rank, world)
+
+    out = _outcome(run)
+    comm.close()
+    return out
+
+
+def late_arrival(rank: int, world: int):
+    """Rank 0 fails right away (an error after validation); rank 2 arrives
+    2 s later and must fail at once, not after its own 20 s deadline."""
+    old, new, weights, buffer = _small(rank, world)
+    comm = eplb_xfer.NixlCommunicator(None, weights, buffer, timeout_s=20.0)
+    dist.barrier()
+    if rank == 0:
+        comm._live("abort").abort_local("error")  # as the vLLM path does on a torch error
+        out: dict[str, Any] = {"kind": "aborted"}
+    else:
+        if rank == 2:
+            time.sleep(2.0)
+        out = _outcome(
+            lambda: eplb_xfer.rearrange_expert_weights_inplace(
+                old, new, weights, buffer, None, comm
+            )
+        )
+    time.sleep(0.5)
+    comm.close()
+    return out
+
+
+def fork_child_leaves_parent_alone(rank: int, world: int):
+    """After set-up, the process forks; the child drops and closes its copy of
+    the communicator and exits. The parent's communicator must keep working."""
+    import gc
+
+    old, new, weights, buffer = _small(rank, world)
+    comm = eplb_xfer.NixlCommunicator(None, weights, buffer, timeout_s=20.0)
+    pid = os.fork()
+    if pid == 0:  # the child
+        code = 0
+        try:
+            try:
+                comm.counters  # noqa: B018 - must refuse in the child, not touch UCX
+                code = 3
+            except RuntimeError:
+                pass
+            comm.close()
+            del comm
+            gc.collect()
+        except BaseException:  # noqa: BLE001
+            code = 4
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    out = _outcome(
+        lambda: eplb_xfer.rearrange_expert_weights_inplace(old, new, weights, buffer, None, comm)
+    )
+    out["child_status"] = os.waitstatus_to_exitcode(status)
+    out["errors"] = check(MIXED, weights, old, new, rank, world)
+    comm.close()
+    out["agents"] = _core.live_agents()
+    return out
+
+
+def reallocated_tensor(rank: int, world: int):
+    """A registered weight tensor is resized after set-up: the next
+    rebalance refuses it (ValueError naming it), nothing moves."""
+    old, new, weights, buffer = _small(rank, world)
+    comm = eplb_xfer.NixlCommunicator(None, weights, buffer, timeout_s=20.0)
+    keep = weights[1][0].clone()
+    weights[1][0].set_(keep.reshape(-1).clone().reshape(keep.shape))  # new storage, same shape
+    out = _outcome(
+        lambda: eplb_xfer.rearrange_expert_weights_inplace(old, new, weights, buffer, None, comm)
+    )
+    comm.close()
+    return out

@@ -213,10 +213,15 @@ class NixlCommunicator(EplbCommunicator):
             direction,
             schedule,
         )
+        # Set-up moves 8 test bytes into buffer row 0 of every rank; they are
+        # put back afterwards, so the caller's tensors are left as they were.
+        probe_bytes = self._buffer[0][0].reshape(-1).view(torch.uint8)[:8]
+        saved = probe_bytes.clone()
         try:
             blobs: list[Any] = [None] * self.world_size
             dist.all_gather_object(blobs, bytes(self._engine.local_blob()), group=group)
             probe_failures = self._engine.connect(blobs, nodes)
+            probe_bytes.copy_(saved)
             everyone: list[Any] = [None] * self.world_size
             dist.all_gather_object(everyone, probe_failures, group=group)
             failed = [(r, p, why) for r, fs in enumerate(everyone) for p, why in fs]
@@ -310,6 +315,13 @@ class NixlCommunicator(EplbCommunicator):
         old_layer: np.ndarray,
     ) -> LayerOutcome:
         engine = self._live("rebalance_layer")
+        if not 0 <= layer_idx < len(self._weights):
+            raise ValueError(f"layer_idx: {layer_idx} outside 0..{len(self._weights) - 1}")
+        if plan.ep_size != self.world_size or plan.n_local != self.n_local:
+            raise ValueError(
+                f"plan: made for {plan.ep_size} ranks x {plan.n_local} rows, but this "
+                f"communicator has {self.world_size} x {self.n_local}"
+            )
         if self.device.type == "cpu":
             # The whole layer in one call: copies, exchange, checksums, commit.
             res = engine.exchange_plan(
@@ -494,9 +506,12 @@ class NixlCommunicator(EplbCommunicator):
                 "old_indices: needed (pass it to execute or call set_transfer_context first)"
             )
         if layer is None:
-            raise ValueError(
-                "layer_idx: unknown; call set_transfer_context(old_indices, layer_idx) first"
-            )
+            if self._packed is None:
+                raise ValueError(
+                    "layer_idx: zero-copy reads need the layer; call "
+                    "set_transfer_context(old_indices, layer_idx) first"
+                )
+            layer = 0  # staged mode serves from the packed layer, whatever the layer
         slots = self.n_local * self.world_size
         if old_layer.shape[0] != slots:
             raise ValueError(
@@ -608,11 +623,17 @@ class NixlCommunicator(EplbCommunicator):
         rank sent, then releases the agent, registrations and staging.
         Returns at once for peers known dead. Idempotent; in a forked child
         it only forgets the parent's communicator."""
+        if linger_s is None:
+            linger_s = 0.0 if self._failure is not None else 0.5
+        if (
+            isinstance(linger_s, bool)
+            or not isinstance(linger_s, (int, float))
+            or not 0 <= linger_s <= 600
+        ):
+            raise ValueError(f"linger_s: expected seconds in [0, 600], got {linger_s!r}")
         self._closed = True
         engine, self._engine = self._engine, None
         if engine is not None:
-            if linger_s is None:
-                linger_s = 0.0 if self._failure is not None else 0.5
             engine.close(float(linger_s))
         self._packed = None
         _LIVE.discard(self)

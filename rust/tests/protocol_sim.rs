@@ -109,6 +109,7 @@ struct Scenario {
     kill_at: Vec<(u32, Time)>,
     late: Vec<(u32, u32, Time)>,      // (rank, layer, caller delay)
     disagree: Option<(u32, u32)>,     // (rank, layer) with a different fingerprint
+    drop_send: Option<(u32, u32)>,    // (rank, layer): the rank forgets one of its sends
     checksum_bad: Option<(u32, u32)>, // (reader rank, layer): verdict on its first source
     interrupt: Option<(u32, Time)>,
     verify: bool,
@@ -213,6 +214,9 @@ fn scenario(seed: u64) -> Scenario {
     let disagree = r
         .chance(8)
         .then(|| (r.below(world as u64) as u32, r.below(layers as u64) as u32));
+    let drop_send = r
+        .chance(6)
+        .then(|| (r.below(world as u64) as u32, r.below(layers as u64) as u32));
     let verify = r.chance(40);
     let checksum_bad = (verify && r.chance(20))
         .then(|| (r.below(world as u64) as u32, r.below(layers as u64) as u32));
@@ -234,6 +238,7 @@ fn scenario(seed: u64) -> Scenario {
         kill_at,
         late,
         disagree,
+        drop_send,
         checksum_bad,
         interrupt,
         verify,
@@ -257,6 +262,8 @@ struct Sim {
     cur_seq: Vec<u64>,
     failed_rank: Vec<bool>,
     posted_in_seq: BTreeSet<u64>,
+    /// (seq, initiator, peer) of every posted transfer
+    posted_pairs: BTreeSet<(u64, u32, u32)>,
     violations: Vec<String>,
     max_wait: Vec<(u32, Time)>,
     trace: bool,
@@ -305,6 +312,7 @@ impl Sim {
             cur_seq: vec![0; world as usize],
             failed_rank: vec![false; world as usize],
             posted_in_seq: BTreeSet::new(),
+            posted_pairs: BTreeSet::new(),
             violations: Vec::new(),
             max_wait: Vec::new(),
             trace: false,
@@ -357,11 +365,14 @@ impl Sim {
             .filter(|m| m.reader == rank)
             .map(|m| (m.source, m.src_row, m.dst_row))
             .collect();
-        let sends = moves
+        let mut sends: Vec<(u32, u32)> = moves
             .iter()
             .filter(|m| m.source == rank)
             .map(|m| (m.reader, m.src_row))
             .collect();
+        if self.sc.drop_send == Some((rank, layer)) {
+            sends.pop();
+        }
         ExchangeSpec {
             label: layer,
             fingerprint: fp,
@@ -602,6 +613,7 @@ impl Sim {
     fn post(&mut self, rank: u32, t: eplb_xfer::protocol::Transfer) {
         let seq = t.seq;
         self.posted_in_seq.insert(seq);
+        self.posted_pairs.insert((seq, rank, t.peer));
         // the peer must have said READY for this exchange
         if !self.ready_sent.contains_key(&(t.peer, seq)) {
             self.violations.push(format!(
@@ -767,6 +779,7 @@ impl Sim {
         let trouble = !self.sc.deaths.is_empty()
             || !self.sc.kill_at.is_empty()
             || self.sc.disagree.is_some()
+            || self.sc.drop_send.is_some()
             || self.sc.interrupt.is_some()
             || self.sc.checksum_bad.is_some()
             || self.sc.late.iter().any(|l| l.2 > self.sc.timeout / 2);
@@ -775,6 +788,20 @@ impl Sim {
                 if rec.failure.is_some() || rec.committed.len() != self.sc.layers as usize {
                     self.violations
                         .push(format!("rank {r} failed without any fault: {rec:?}"));
+                }
+            }
+        }
+        if let Some((rank, layer)) = self.sc.drop_send {
+            // the reader whose row the rank forgot, and the rank, never transfer
+            let seq = layer as u64 + 1;
+            let moves = &self.sc.moves[layer as usize];
+            if let Some(m) = moves.iter().filter(|m| m.source == rank).last() {
+                for (a, b) in [(m.reader, rank), (rank, m.reader)] {
+                    if self.posted_pairs.contains(&(seq, a, b)) {
+                        self.violations.push(format!(
+                            "ranks {a} and {b} disagree on rows in seq {seq} but a transfer started"
+                        ));
+                    }
                 }
             }
         }
@@ -835,6 +862,7 @@ fn a_clean_run_commits_everything_and_sends_little() {
         sc.kill_at.clear();
         sc.late.clear();
         sc.disagree = None;
+        sc.drop_send = None;
         sc.checksum_bad = None;
         sc.interrupt = None;
         let mut sim = Sim::new(sc.clone());
@@ -860,6 +888,7 @@ fn debug_one() {
         sc.kill_at.clear();
         sc.late.clear();
         sc.disagree = None;
+        sc.drop_send = None;
         sc.checksum_bad = None;
         sc.interrupt = None;
     }

@@ -33,6 +33,7 @@ fn valid(rng: &mut Rng, world: u32) -> Msg {
             wants: (0..rng.below(5))
                 .map(|_| (rng.below(6) as u32, rng.below(6) as u32))
                 .collect(),
+            serves: (0..rng.below(4)).map(|_| rng.below(6) as u32).collect(),
             payload: (0..rng.below(40)).map(|_| rng.next() as u8).collect(),
         }),
         1 => Msg::Done { seq },

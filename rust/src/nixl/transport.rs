@@ -374,7 +374,10 @@ impl Connected {
         let mut missing: Vec<bool> = (0..names.len()).map(|p| p != me).collect();
         for (p, name) in names.iter().enumerate() {
             if p != me && self.agent.notify(name, PROBED).is_err() {
-                failures.push((p as u32, probe_message(XferOp::Read, p, "a notification could not be sent")));
+                failures.push((
+                    p as u32,
+                    probe_message(XferOp::Read, p, "a notification could not be sent"),
+                ));
             }
         }
         let mut got = Vec::new();
@@ -395,7 +398,10 @@ impl Connected {
         }
         for (p, m) in missing.iter().enumerate() {
             if *m {
-                failures.push((p as u32, probe_message(XferOp::Read, p, "its set-up notification never arrived")));
+                failures.push((
+                    p as u32,
+                    probe_message(XferOp::Read, p, "its set-up notification never arrived"),
+                ));
             }
         }
         failures
@@ -416,7 +422,7 @@ impl Connected {
         let session = Session::new(scfg).map_err(|e| NixlError::Input(e.to_string()))?;
         let shared = Arc::new(Shared::default());
         let (tx, rx) = mpsc::channel();
-        let worker = Worker {
+        let mut worker = Worker {
             agent: self.agent,
             session,
             space: self.space,
@@ -440,6 +446,7 @@ impl Connected {
             rx,
             closing: None,
         };
+        worker.publish_final(); // counters are valid before the first job
         let thread = std::thread::Builder::new()
             .name(format!("eplbx-r{}", self.cfg.rank))
             .spawn(move || worker.run())

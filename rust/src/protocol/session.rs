@@ -414,12 +414,13 @@ impl Session {
             let c = self.cur.as_ref().map(|c| {
                 (
                     c.recv_from.get(&p).cloned().unwrap_or_default(),
+                    c.send_to.get(&p).cloned().unwrap_or_default(),
                     c.payload_for.get(&p).cloned().unwrap_or_default(),
                     c.label,
                     c.fingerprint,
                 )
             });
-            if let Some((wants, payload, label, fingerprint)) = c {
+            if let Some((wants, serves, payload, label, fingerprint)) = c {
                 self.send(
                     p,
                     Msg::Ready(Ready {
@@ -427,6 +428,7 @@ impl Session {
                         label,
                         fingerprint,
                         wants,
+                        serves,
                         payload,
                     }),
                 );
@@ -713,9 +715,24 @@ impl Session {
             let mut asked: Vec<u32> = r.wants.iter().map(|&(s, _)| s).collect();
             asked.sort_unstable();
             let mine = c.send_to.get(&from).cloned().unwrap_or_default();
-            (asked != mine).then(|| {
-                format!("rank {from} wants rows {asked:?} from this rank, which serves it {mine:?}")
-            })
+            let mut wanted: Vec<u32> = c
+                .recv_from
+                .get(&from)
+                .map(|v| v.iter().map(|&(s, _)| s).collect())
+                .unwrap_or_default();
+            wanted.sort_unstable();
+            if asked != mine {
+                Some(format!(
+                    "rank {from} wants rows {asked:?} from this rank, which serves it {mine:?}"
+                ))
+            } else if r.serves != wanted {
+                Some(format!(
+                    "rank {from} serves rows {:?} to this rank, which wants {wanted:?}",
+                    r.serves
+                ))
+            } else {
+                None
+            }
         };
         if let Some(_why) = problem {
             c.accuse = Some((AbortCode::Disagreement, from));

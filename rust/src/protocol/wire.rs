@@ -34,6 +34,9 @@ pub struct Ready {
     /// `(src_row, dst_row)`: rows the sender receives from the addressee
     /// (the sender's buffer rows `dst_row` take the addressee's rows `src_row`).
     pub wants: Vec<(u32, u32)>,
+    /// Rows the sender serves the addressee (sorted): both sides check that
+    /// what one wants is what the other serves before any byte moves.
+    pub serves: Vec<u32>,
     /// Opaque bytes for the addressee (e.g. checksums of rows it will get).
     pub payload: Vec<u8>,
 }
@@ -138,6 +141,10 @@ impl Msg {
                     out.extend_from_slice(&s.to_le_bytes());
                     out.extend_from_slice(&d.to_le_bytes());
                 }
+                put_u32(&mut out, r.serves.len());
+                for &s in &r.serves {
+                    out.extend_from_slice(&s.to_le_bytes());
+                }
                 put_u32(&mut out, r.payload.len());
                 out.extend_from_slice(&r.payload);
             }
@@ -172,6 +179,11 @@ impl Msg {
                 for _ in 0..n {
                     wants.push((r.u32()?, r.u32()?));
                 }
+                let n = r.count(4)?;
+                let mut serves = Vec::with_capacity(n);
+                for _ in 0..n {
+                    serves.push(r.u32()?);
+                }
                 let n = r.count(1)?;
                 let payload = r.take(n)?.to_vec();
                 Msg::Ready(Ready {
@@ -179,6 +191,7 @@ impl Msg {
                     label,
                     fingerprint,
                     wants,
+                    serves,
                     payload,
                 })
             }
@@ -412,6 +425,7 @@ mod tests {
                 label: 3,
                 fingerprint: 99,
                 wants: vec![(1, 2), (3, 0)],
+                serves: vec![0, 0, 2],
                 payload: b"sums".to_vec(),
             }),
             Msg::Done { seq: 1 },
@@ -458,6 +472,7 @@ mod tests {
             label: 0,
             fingerprint: 0,
             wants: vec![],
+            serves: vec![],
             payload: vec![],
         })
         .encode();
