@@ -188,8 +188,8 @@ def _rank_main(
     import torch.distributed as dist
 
     import eplb_xfer
-    from eplb_xfer.models import scaled
     from eplb_xfer._scenario import build_weights, verify
+    from eplb_xfer.models import scaled
 
     backend, options = BACKENDS[key]
     specs = scaled("deepseek-v3", cfg.scale).specs()

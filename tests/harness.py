@@ -146,7 +146,9 @@ def snapshot(weights: Sequence[Sequence[torch.Tensor]]) -> list[list[torch.Tenso
     return [[_rows(t).clone() for t in layer] for layer in weights]
 
 
-def unchanged(weights: Sequence[Sequence[torch.Tensor]], snap: list[list[torch.Tensor]]) -> list[int]:
+def unchanged(
+    weights: Sequence[Sequence[torch.Tensor]], snap: list[list[torch.Tensor]]
+) -> list[int]:
     """Layers whose bytes equal the snapshot bit for bit."""
     return [
         i
@@ -223,7 +225,9 @@ def vllm_layer_moves(
 def vllm_commit(
     weights: Sequence[torch.Tensor],
     buffer: Sequence[torch.Tensor],
-    moves: tuple[list[tuple[int, int]], list[tuple[int, int]], list[tuple[int, int, int]], list[int]],
+    moves: tuple[
+        list[tuple[int, int]], list[tuple[int, int]], list[tuple[int, int, int]], list[int]
+    ],
     new_row: np.ndarray,
     rank: int,
     world: int,

@@ -9,17 +9,16 @@ proves every communicator still works with a real rebalance.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import sys
-
 import numpy as np
 import torch
+from harness import MIXED, build, check, scenario, snapshot, unchanged
 
 import eplb_xfer
-from harness import MIXED, build, check, scenario, snapshot, unchanged
 
 
 @dataclass
@@ -552,7 +551,12 @@ CASES: list[Case] = [
         ),
     ),
     # -- odd placements and options --------------------------------------------------
-    ("old_meta_tensor", ValueError, "old_indices", lambda c: c.run(old=torch.zeros(2, 6, dtype=torch.long, device="meta"))),
+    (
+        "old_meta_tensor",
+        ValueError,
+        "old_indices",
+        lambda c: c.run(old=torch.zeros(2, 6, dtype=torch.long, device="meta")),
+    ),
     ("old_ragged_list", ValueError, "old_indices", lambda c: c.run(old=[[0, 1, 2], [0, 1]])),
     (
         "old_uint64_that_wraps",
@@ -650,7 +654,9 @@ def run_all(rank: int, world: int) -> dict[str, tuple[str, str, bool]]:
     closed_torch.close()
     torch_comm = eplb_xfer.create_communicator("torch", None, weights, buffer)
     assert isinstance(torch_comm, eplb_xfer.TorchCommunicator)
-    ctx = Ctx(rank, world, old, new, weights, buffer, nixl, staged, torch_comm, closed, closed_torch)
+    ctx = Ctx(
+        rank, world, old, new, weights, buffer, nixl, staged, torch_comm, closed, closed_torch
+    )
     out: dict[str, Any] = {}
     for name, _exc, _text, call in CASES:
         try:

@@ -41,7 +41,9 @@ def _alive(pid: int) -> bool:
 
 
 CASES = [("zero_copy", 3, [2], *s) for s in SCENARIOS] + [
-    ("staged", 3, [2], *s) for s in SCENARIOS if s[:2] in (("exit_after_layer", 1), ("exit_mid_done", 3))
+    ("staged", 3, [2], *s)
+    for s in SCENARIOS
+    if s[:2] in (("exit_after_layer", 1), ("exit_mid_done", 3))
 ]
 # a whole host (two ranks) at once, and two ranks that are not neighbours
 CASES += [
@@ -55,7 +57,9 @@ CASES += [
     CASES,
     ids=[f"{c[0]}-{c[1]}r-{'+'.join(map(str, c[2]))}-{c[3]}@{c[4]}" for c in CASES],
 )
-def test_survivors_agree_and_fail_in_time(world, mode, n, victims, how, seq, failed_layer, committed):
+def test_survivors_agree_and_fail_in_time(
+    world, mode, n, victims, how, seq, failed_layer, committed
+):
     pids: list[int] = []
     survivors = [r for r in range(n) if r not in victims]
     results = world(

@@ -31,7 +31,15 @@ import eplb_xfer
 from eplb_xfer import _core
 
 
-def make_comm(backend: str, weights, buffer, **options: Any) -> eplb_xfer.EplbCommunicator:
+def make_comm(backend: str, weights, buffer, **options: Any) -> Any:
+    if backend == "vllm":
+        # what vLLM's factory returns for "nixl" once the plugin is registered
+        from types import SimpleNamespace
+
+        from eplb_xfer.vllm import VllmNixlCommunicator
+
+        coordinator = SimpleNamespace(cpu_group=dist.new_group(backend="gloo"))
+        return VllmNixlCommunicator(coordinator, weights, buffer, **options)
     if backend == "torch":
         options.pop("mode", None)
         return eplb_xfer.create_communicator("torch", None, weights, buffer)
@@ -188,7 +196,9 @@ def _vllm_async(comm, weights, buffer, cur, nxt, rank, world):
         try:
             comm.set_stream(None)
             for layer in range(cur.shape[0]):
-                results.append(_vllm_layer(comm, weights, buffer, cur, nxt, layer, rank, world, "context"))
+                results.append(
+                    _vllm_layer(comm, weights, buffer, cur, nxt, layer, rank, world, "context")
+                )
                 done.release()
                 consumed.acquire()
         except BaseException as e:  # report to the main thread
@@ -265,7 +275,9 @@ def dead_peer(rank: int, world: int, mode: str, victims: list[int], how: str, se
     weights, buffer = build(MIXED, old, rank, world)
     snap = snapshot(weights)
     victim = rank in victims
-    use_shim(f"{how}:{seq}" if victim and how not in ("exit_after_layer", "kill_after_setup") else None)
+    use_shim(
+        f"{how}:{seq}" if victim and how not in ("exit_after_layer", "kill_after_setup") else None
+    )
     comm = eplb_xfer.NixlCommunicator(None, weights, buffer, mode=mode, timeout_s=3.0)
     dist.barrier()
     if victim and how == "kill_after_setup":
@@ -328,9 +340,7 @@ def corrupt_read(rank: int, world: int, mode: str, reader: int, seq: int):
     weights, buffer = build(MIXED, old, rank, world)
     snap = snapshot(weights)
     use_shim(f"corrupt_read:{seq}" if rank == reader else None)
-    comm = eplb_xfer.NixlCommunicator(
-        None, weights, buffer, mode=mode, timeout_s=10.0, verify=True
-    )
+    comm = eplb_xfer.NixlCommunicator(None, weights, buffer, mode=mode, timeout_s=10.0, verify=True)
     plan = eplb_xfer.plan_rebalance(old, new, world, node_of_rank=comm.node_of_rank)
     sources = sorted({src for _e, src, _s, _d in plan.recvs(seq - 2, reader)})
     try:
@@ -493,6 +503,7 @@ def threads_on_one_communicator(rank: int, world: int):
     if rank == 1:
         time.sleep(1.5)
     else:
+
         def second() -> None:
             time.sleep(0.3)
             out["second"] = _outcome(
@@ -525,6 +536,7 @@ def close_from_another_thread(rank: int, world: int):
     dist.barrier()
     out: dict[str, Any] = {}
     if rank == 0:
+
         def closer() -> None:
             time.sleep(0.5)
             t0 = time.monotonic()
@@ -587,6 +599,7 @@ def error_after_validation(rank: int, world: int):
     old, new, weights, buffer = _small(rank, world)
     comm = eplb_xfer.NixlCommunicator(None, weights, buffer, timeout_s=30.0, verify=True)
     if rank == 0:
+
         def boom(*a: Any, **k: Any) -> Any:
             raise RuntimeError("simulated device failure")
 

@@ -77,6 +77,9 @@ class MappedLayer:
     @property
     def recvs(self) -> list[tuple[int, int, int]]:
         """``(src_rank, src_row, dst_row)``, sorted."""
+    @property
+    def send_rows(self) -> list[int]:
+        """The row serving each send, in the order the sends were given."""
 
 class NixlEngine:
     """One rank's NIXL transport: agent, registrations, prepared lists, and a

@@ -206,7 +206,7 @@ def wait_for_stream(device: torch.device, stream: Any) -> None:
     Other streams (inference) keep running; nothing device-wide waits."""
     if device.type != "cuda":
         return
-    ev = torch.cuda.Event()
+    ev = torch.cuda.Event()  # type: ignore[no-untyped-call]
     ev.record(stream if stream is not None else torch.cuda.current_stream(device))
     ev.synchronize()
 

@@ -50,7 +50,9 @@ class TransferError(RuntimeError):
         return (_rebuild, (str(self), self.peer, self.layer, self.committed_layers, self.blame))
 
 
-def _rebuild(message: str, peer: int, layer: int, committed: list[int], blame: str) -> TransferError:
+def _rebuild(
+    message: str, peer: int, layer: int, committed: list[int], blame: str
+) -> TransferError:
     return TransferError(message, peer=peer, layer=layer, committed_layers=committed, blame=blame)
 
 

@@ -19,8 +19,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from ._tensors import expert_bytes as _layer_expert_bytes
 from ._scenario import TensorSpec
+from ._tensors import expert_bytes as _layer_expert_bytes
 
 u8, bf16, f32 = torch.uint8, torch.bfloat16, torch.float32
 

@@ -172,9 +172,7 @@ class NixlCommunicator(EplbCommunicator):
         if node_of_rank is not None:
             nodes = [check_rank(n, "node_of_rank", 1 << 31) for n in node_of_rank]
             if len(nodes) != self.world_size:
-                raise ValueError(
-                    f"node_of_rank: {len(nodes)} entries for {self.world_size} ranks"
-                )
+                raise ValueError(f"node_of_rank: {len(nodes)} entries for {self.world_size} ranks")
         n_local, device = validate_weights(expert_weights, expert_buffer)
         self.mode = mode
         self.timeout_s = float(timeout_s)
@@ -266,7 +264,8 @@ class NixlCommunicator(EplbCommunicator):
     @property
     def exchanges(self) -> int:
         """Layer exchanges run so far (including closing handshakes)."""
-        return int(self.counters["exchanges"])  # type: ignore[call-overload]
+        n: Any = self.counters["exchanges"]
+        return int(n)
 
     @property
     def counters(self) -> dict[str, object]:
@@ -356,9 +355,7 @@ class NixlCommunicator(EplbCommunicator):
         except BaseException as e:
             engine.abort_local("interrupted" if isinstance(e, KeyboardInterrupt) else "error")
             raise
-        res = engine.exchange_plan(
-            plan, layer, False, "caller" if self.verify else "off", payloads
-        )
+        res = engine.exchange_plan(plan, layer, False, "caller" if self.verify else "off", payloads)
         if res["state"] == "landed":
             received = [(src, s, d) for _e, src, s, d in plan.recvs(layer, rank)]
             res = self._verify_landed(engine, res, received)
@@ -544,7 +541,7 @@ class NixlCommunicator(EplbCommunicator):
                 foreign.append((landing, ts))
                 row = landing
             mapped_recvs.append((expert, src, int(row)))
-        served: dict[int, list[torch.Tensor]] = {}
+        served: dict[int, list[torch.Tensor]] = {}  # row -> the tensors add_send gave
         mine = old_layer[self.rank * self.n_local : (self.rank + 1) * self.n_local]
         for dst, expert, ts in sends:
             if dst == self.rank:
@@ -562,9 +559,8 @@ class NixlCommunicator(EplbCommunicator):
             mapped_recvs,
             [(expert, dst) for dst, expert, _ts in sends],
         )
-        for dst, expert, ts in sends:
-            hits = np.flatnonzero(mine == expert)
-            served.setdefault(int(hits[0]), ts)
+        for (_dst, _expert, ts), row in zip(sends, mapped.send_rows):
+            served.setdefault(int(row), ts)
         # Validated: from here on bytes move, and any error tells the peers.
         if layer <= self._vllm_layer:
             self._vllm_committed = []  # a new rebalance began
@@ -575,20 +571,17 @@ class NixlCommunicator(EplbCommunicator):
                     self._pack(slot, ts)
                 payloads = None
                 if self.verify:
-                    order = sorted(served)
                     serves = [
-                        (r, dst)
-                        for dst, expert, _ts in sends
-                        for r in [int(np.flatnonzero(mine == expert)[0])]
+                        (int(row), dst) for (dst, _e, _t), row in zip(sends, mapped.send_rows)
                     ]
-                    payloads = self._served_payloads(serves, {r: served[r] for r in order})
+                    payloads = self._served_payloads(serves, served)
             wait_for_stream(self.device, self._stream)
         except BaseException as e:
             engine.abort_local("interrupted" if isinstance(e, KeyboardInterrupt) else "error")
             raise
         res = engine.exchange_mapped(mapped, "caller" if self.verify else "off", payloads)
         if res["state"] == "landed":
-            res = self._verify_landed(engine, res, [tuple(r) for r in mapped.recvs])
+            res = self._verify_landed(engine, res, [(s, r, d) for s, r, d in mapped.recvs])
         try:
             outcome = self._outcome(res, f"layer {layer}", commit_later=True)
         except TransferError as e:

@@ -48,6 +48,9 @@ pub struct PyMappedLayer {
     /// Rows this rank serves (each once): staged mode packs them.
     #[pyo3(get)]
     served_rows: Vec<u32>,
+    /// The row serving each send, in the order the sends were given.
+    #[pyo3(get)]
+    send_rows: Vec<u32>,
 }
 
 #[pyclass(name = "NixlEngine", module = "eplb_xfer._core")]
@@ -739,6 +742,7 @@ impl PyNixlEngine {
             rv.push((src, first_row(src, expert, "add_recv")?, dst));
         }
         let mut sv = Vec::with_capacity(sends.len());
+        let mut send_rows = Vec::with_capacity(sends.len());
         let mut served: Vec<u32> = Vec::new();
         for (expert, dst) in sends {
             if dst >= self.world || dst == self.rank {
@@ -749,6 +753,7 @@ impl PyNixlEngine {
             }
             let row = first_row(self.rank, expert, "add_send")?;
             sv.push((dst, row));
+            send_rows.push(row);
             if !served.contains(&row) {
                 served.push(row);
             }
@@ -765,6 +770,7 @@ impl PyNixlEngine {
             recvs: rv,
             sends: sv,
             served_rows: served,
+            send_rows,
         })
     }
 

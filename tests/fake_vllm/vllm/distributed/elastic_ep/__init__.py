@@ -1,0 +1,1 @@
+"""Stand-in package for tests (not vLLM)."""
