@@ -30,7 +30,8 @@ which makes the kernel kill every process of that host), ``link_down`` /
 ``unshape`` (``tc qdisc ... tbf rate R`` on every host's egress).
 
 Cleanup happens on every path (success, failure, timeout, KeyboardInterrupt,
-interpreter exit via ``atexit``): host processes are killed (which kills their
+SIGTERM (turned into ``SystemExit`` while a topology exists, unless the program
+set its own handler), interpreter exit via ``atexit``): host processes are killed (which kills their
 ranks), namespaces (and with them the veths) deleted, temporary files removed.
 Every process the harness starts also gets ``PR_SET_PDEATHSIG=SIGKILL``, so a
 controller that dies kills its hosts; the namespaces of a run whose controller
@@ -67,6 +68,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from collections.abc import Callable, Iterable, Sequence
@@ -106,15 +108,18 @@ ActionKind = Literal["kill_host", "link_down", "link_up", "shape", "unshape"]
 class Action:
     """Something the controller does to the emulated hosts during a run.
 
-    Triggered once, when a rank calls ``signal_controller(on)`` (``on``) or
-    ``after_s`` seconds after the hosts were started; once applied, the
-    controller writes the acknowledgement :func:`wait_ack` waits for.
+    Triggered once: ``delay_s`` seconds after a rank called
+    ``signal_controller(on)`` (``on``), or ``after_s`` seconds after the hosts
+    were started. Once every action on a marker was applied, the controller
+    writes the acknowledgement :func:`wait_ack` waits for.
 
     Attributes:
         kind: ``kill_host`` (SIGKILL every process of ``host``), ``link_down`` /
             ``link_up`` (the links of ``hosts``, default all), ``shape`` (``tc
             tbf`` at ``rate`` on the egress of ``hosts``, default all) / ``unshape``.
         on: marker name a rank signals.
+        delay_s: seconds from the marker to the action (a fault at a moment
+            inside what the rank does next).
         after_s: or seconds after start.
         host: the host ``kill_host`` kills.
         hosts: the hosts whose link ``link_*`` / ``shape`` / ``unshape`` act on.
@@ -124,6 +129,7 @@ class Action:
     kind: ActionKind
     on: str | None = None
     after_s: float | None = None
+    delay_s: float = 0.0
     host: int = 1
     hosts: tuple[int, ...] | None = None
     rate: str = "1gbit"
@@ -150,6 +156,8 @@ class RankOutcome:
         partial: the last value the rank passed to :func:`report_partial`.
         killed_with_host: its host was killed by a ``kill_host`` action.
         log_tail: the end of the rank's stdout+stderr.
+        exit_s: seconds from writing the result to the process's exit
+            (interpreter and library teardown), when both happened.
     """
 
     rank: int
@@ -161,6 +169,7 @@ class RankOutcome:
     partial: Any = None
     killed_with_host: bool = False
     log_tail: str = ""
+    exit_s: float | None = None
 
     @property
     def exited_cleanly(self) -> bool:
@@ -382,6 +391,12 @@ def pick_subnet(rng: random.Random | None = None) -> ipaddress.IPv4Network:
 _LIVE_NAMESPACES: set[str] = set()
 
 
+def _exit_on_sigterm(signum: int, _frame: object) -> None:
+    """SIGTERM handler while a topology exists: unwinds (so ``finally`` and
+    ``atexit`` clean up) instead of dying on the spot."""
+    raise SystemExit(128 + signum)
+
+
 # ----------------------------------------------------------------------------- controller
 
 
@@ -460,6 +475,7 @@ class EmulatedHosts:
         self._started = False
         self._closed = False
         self._shaped: dict[int, str] = {}
+        self._sigterm_installed = False
 
     # -- properties -------------------------------------------------------------------
     @property
@@ -507,6 +523,12 @@ class EmulatedHosts:
         sweep_leftovers(self.prefix)
         self._started = True
         atexit.register(self.close)
+        if (
+            threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+        ):
+            signal.signal(signal.SIGTERM, _exit_on_sigterm)
+            self._sigterm_installed = True
         try:
             self._tmp = Path(tempfile.mkdtemp(prefix=f"{self.prefix}-{self.run_id}-"))
             self.subnet = pick_subnet()
@@ -584,6 +606,9 @@ class EmulatedHosts:
             _LIVE_NAMESPACES.discard(ns)
         if self._tmp is not None:
             shutil.rmtree(self._tmp, ignore_errors=True)
+        if self._sigterm_installed and signal.getsignal(signal.SIGTERM) is _exit_on_sigterm:
+            with contextlib.suppress(ValueError):  # not the main thread
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
     def leftovers(self) -> list[str]:
         """Anything of this topology still present: namespaces, processes in
@@ -683,15 +708,24 @@ class EmulatedHosts:
             time.sleep(0.005)
         return None
 
-    def kill_host(self, h: int) -> None:
+    def kill_host(self, h: int, wait_s: float = 10.0) -> None:
         """SIGKILLs host ``h``'s PID 1 during a run: the kernel then kills every
-        process of that host (its ranks) at once."""
+        process of that host (its ranks). Returns once they are all gone:
+        ``unshare`` exits only after PID 1 was reaped, and PID 1's exit waits
+        for every other process of its PID namespace. (``os.kill`` returning
+        is not enough: a rank could still run for a few milliseconds, see an
+        acknowledgement and carry on.)"""
         host = self.hosts[h]
         pid = self._init_pid(host)
         if pid is not None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         host.killed = True
+        if host.proc is not None:
+            try:
+                host.proc.wait(wait_s)
+            except subprocess.TimeoutExpired as e:
+                raise RuntimeError(f"host {h} did not die within {wait_s}s of SIGKILL") from e
 
     def _kill_host_procs(self, host: _Host) -> None:
         if host.proc is None:
@@ -785,6 +819,7 @@ class EmulatedHosts:
                                         (host.index + 1) * self.ranks_per_host))}  # fmt: skip
             (run_dir / f"host-{host.index}.pkl").write_bytes(pickle.dumps(spec))
         pending = list(enumerate(actions))
+        seen: dict[str, float] = {}  # marker -> when it was first seen
         timed_out = False
         try:
             for host in self.hosts:
@@ -798,17 +833,18 @@ class EmulatedHosts:
                     break
                 for item in list(pending):
                     _i, a = item
-                    fired = (
-                        (run_dir / f"signal-{_safe(a.on)}").exists()
-                        if a.on is not None
-                        else now - t0 >= (a.after_s or 0.0)
-                    )
+                    if a.on is not None:
+                        if a.on not in seen and (run_dir / f"signal-{_safe(a.on)}").exists():
+                            seen[a.on] = now
+                        fired = a.on in seen and now - seen[a.on] >= a.delay_s
+                    else:
+                        fired = now - t0 >= (a.after_s or 0.0)
                     if fired:
                         self._apply(a)
                         pending.remove(item)
                         if a.on is not None and not any(b.on == a.on for _j, b in pending):
                             _atomic_write(run_dir / f"ack-{_safe(a.on)}", b"1")
-                time.sleep(0.005)
+                time.sleep(0.001 if seen else 0.005)
         finally:
             for host in self.hosts:
                 self._kill_host_procs(host)
@@ -860,6 +896,8 @@ class EmulatedHosts:
             if exit_file.exists():
                 o.exit_code = int(exit_file.read_text())
             result = run_dir / f"result-{rank}.pkl"
+            if result.exists() and exit_file.exists():
+                o.exit_s = exit_file.stat().st_mtime - result.stat().st_mtime
             if result.exists():
                 ok, value = pickle.loads(result.read_bytes())
                 o.ok = bool(ok)
@@ -878,8 +916,6 @@ class EmulatedHosts:
                 tail = host.log.read_bytes()[-2000:].decode(errors="replace").strip()
                 if tail:
                     o.error += f"\n[host {h} output]\n{tail}"
-            if host.killed and result.exists() is False:
-                o.killed_with_host = True
             outcomes.append(o)
         return outcomes
 
