@@ -32,7 +32,7 @@ def row_nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
 def oracle_row(seed: int, layer: int, tensor: int, expert: int, nbytes: int) -> np.ndarray:
     """The bytes of ``expert``'s row of ``tensor`` at ``layer`` (uint8)."""
     rng = np.random.default_rng([seed, layer, tensor, expert])
-    return rng.integers(0, 256, nbytes, dtype=np.uint8)
+    return np.frombuffer(rng.bytes(nbytes), dtype=np.uint8)
 
 
 def filler_row(seed: int, layer: int, tensor: int, slot: int, nbytes: int) -> np.ndarray:
@@ -44,8 +44,11 @@ def _u8(t: torch.Tensor) -> np.ndarray:
     return t.reshape(t.shape[0], -1).view(torch.uint8).numpy()
 
 
+Spec = tuple[str, torch.dtype, tuple[int, ...]]
+
+
 def build(
-    old: np.ndarray, rank: int, world: int, seed: int
+    old: np.ndarray, rank: int, world: int, seed: int, specs: Sequence[Spec] = SPECS
 ) -> tuple[list[list[torch.Tensor]], list[torch.Tensor]]:
     """This rank's weight rows per ``old`` (from the oracle) and an empty buffer."""
     num_layers, num_slots = old.shape
@@ -53,7 +56,7 @@ def build(
     weights = []
     for layer in range(num_layers):
         tensors = []
-        for ti, (_name, dtype, shape) in enumerate(SPECS):
+        for ti, (_name, dtype, shape) in enumerate(specs):
             w = torch.empty((n_local, *shape), dtype=dtype)
             nb = row_nbytes(dtype, shape)
             wb = _u8(w)
@@ -67,7 +70,7 @@ def build(
                 )
             tensors.append(w)
         weights.append(tensors)
-    buffer = [torch.empty((n_local, *shape), dtype=dtype) for _n, dtype, shape in SPECS]
+    buffer = [torch.empty((n_local, *shape), dtype=dtype) for _n, dtype, shape in specs]
     return weights, buffer
 
 
@@ -79,6 +82,7 @@ def check(
     world: int,
     seed: int,
     layers: Sequence[int] | None = None,
+    specs: Sequence[Spec] = SPECS,
 ) -> list[str]:
     """Byte-exact check of this rank's rows after a rebalance ``old -> new``
     that started from rows built by :func:`build` from ``old``: layers in
@@ -89,7 +93,7 @@ def check(
     done = set(range(num_layers)) if layers is None else set(layers)
     errors = []
     for layer in range(num_layers):
-        for ti, (name, dtype, shape) in enumerate(SPECS):
+        for ti, (name, dtype, shape) in enumerate(specs):
             nb = row_nbytes(dtype, shape)
             wb = _u8(weights[layer][ti])
             for r in range(n_local):
@@ -188,12 +192,22 @@ def rebalance_across_hosts(rank: int, world: int, seed: int, nodes: list[int]) -
 
 
 def rebalance_with_fault(
-    rank: int, world: int, seed: int, trigger_rank: int, marker: str, timeout_s: float
+    rank: int,
+    world: int,
+    seed: int,
+    trigger_rank: int,
+    marker: str,
+    timeout_s: float,
+    at_start: bool = False,
+    row_scale: int = 1,
 ) -> dict[str, Any]:
     """A 4-layer rebalance in which every layer moves, over NIXL with
     ``timeout_s``; after committing layer 0, ``trigger_rank`` signals
     ``marker`` (the controller then kills a host or takes the link down) and
     waits until that was done (a rank of a killed host just waits to die).
+    With ``at_start``, it signals right before the rebalance instead and goes
+    on (the fault then lands at a moment the action's ``delay_s`` picks).
+    ``row_scale`` multiplies the rows of the first tensor (a longer rebalance).
 
     Reports (also as a partial result, before ``close()``): the error raised,
     seconds to it, whether committed layers hold the new placement and every
@@ -209,14 +223,19 @@ def rebalance_with_fault(
     rng = np.random.default_rng(seed)
     old = np.array([rng.permutation(num_slots) for _ in range(num_layers)], dtype=np.int64)
     new = np.roll(old, n_local, axis=1)  # every rank takes its neighbour's experts
-    weights, buffer = build(old, rank, world, seed)
+    specs = list(SPECS)
+    name, dtype, shape = specs[0]
+    specs[0] = (name, dtype, (shape[0] * row_scale, *shape[1:]))
+    weights, buffer = build(old, rank, world, seed, specs)
     comm = eplb_xfer.create_communicator("nixl", None, weights, buffer, timeout_s=timeout_s)
     torch.distributed.barrier()  # every rank finished set-up
 
     def on_layer(done: int) -> None:
-        if rank == trigger_rank and done == 0:
+        if rank == trigger_rank and done == 0 and not at_start:
             emulated_hosts.signal_and_wait(marker, timeout_s=30.0)
 
+    if rank == trigger_rank and at_start:
+        emulated_hosts.signal_controller(marker)
     t0 = time.monotonic()
     try:
         eplb_xfer.rearrange_expert_weights_inplace(
@@ -241,7 +260,7 @@ def rebalance_with_fault(
         "committed": committed,
         "msg": msg,
         "elapsed": elapsed,
-        "errors": check(weights, old, new, rank, world, seed, layers=committed),
+        "errors": check(weights, old, new, rank, world, seed, layers=committed, specs=specs),
     }
     emulated_hosts.report_partial(report)
     t1 = time.monotonic()
