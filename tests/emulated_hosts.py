@@ -31,12 +31,13 @@ which makes the kernel kill every process of that host), ``link_down`` /
 
 Cleanup happens on every path (success, failure, timeout, KeyboardInterrupt,
 SIGTERM (turned into ``SystemExit`` while a topology exists, unless the program
-set its own handler), interpreter exit via ``atexit``): host processes are killed (which kills their
-ranks), namespaces (and with them the veths) deleted, temporary files removed.
-Every process the harness starts also gets ``PR_SET_PDEATHSIG=SIGKILL``, so a
-controller that dies kills its hosts; the namespaces of a run whose controller
-died are removed by :func:`sweep_leftovers` (namespace names carry the
-controller's PID), which every new :class:`EmulatedHosts` calls.
+set its own handler), interpreter exit via ``atexit``): host processes are
+killed (which kills their ranks), namespaces (and with them the veths) deleted,
+temporary files removed. Every process the harness starts also gets
+``PR_SET_PDEATHSIG=SIGKILL``, so a controller that dies (even by SIGKILL) kills
+its hosts; the namespaces and temporary directory of such a run are removed by
+:func:`sweep_leftovers` (their names carry the controller's PID), which every
+new :class:`EmulatedHosts` calls.
 :meth:`EmulatedHosts.leftovers` lists anything of a run still present.
 
 Needs root, ``ip`` (iproute2), ``unshare`` (util-linux) and, for shaping,
@@ -293,24 +294,33 @@ def _kill_netns(ns: str) -> None:
     _cmd("ip", "netns", "del", ns, check=False)
 
 
+def _owner_dead(name: str, prefix: str) -> bool:
+    """``name`` is ``{prefix}-{pid}-...`` and controller ``pid`` is gone."""
+    parts = name.split("-")
+    if len(parts) < 3 or parts[0] != prefix or not parts[1].isdigit():
+        return False
+    pid = int(parts[1])
+    if pid == os.getpid():
+        return name not in _LIVE_NAMESPACES and name not in _LIVE_DIRS
+    return not _alive(pid)
+
+
 def sweep_leftovers(prefix: str = PREFIX) -> list[str]:
-    """Deletes namespaces named ``{prefix}-{pid}-...`` whose controller ``pid``
-    is no longer alive (earlier crashed runs), killing any process still in
-    them. Live runs (parallel test sessions) are left alone. Returns the names
-    removed."""
+    """Deletes namespaces (and their ``/etc/netns`` files) and temporary
+    directories named ``{prefix}-{pid}-...`` whose controller ``pid`` is no
+    longer alive (earlier crashed runs), killing any process still in those
+    namespaces. Live runs (parallel test sessions) are left alone. Returns
+    what was removed."""
     removed = []
     for ns in _netns_list():
-        parts = ns.split("-")
-        if len(parts) < 3 or parts[0] != prefix or not parts[1].isdigit():
-            continue
-        pid = int(parts[1])
-        if pid != os.getpid() and _alive(pid):
-            continue
-        if pid == os.getpid() and ns in _LIVE_NAMESPACES:
-            continue
-        _kill_netns(ns)
-        shutil.rmtree(Path("/etc/netns") / ns, ignore_errors=True)
-        removed.append(ns)
+        if _owner_dead(ns, prefix):
+            _kill_netns(ns)
+            shutil.rmtree(Path("/etc/netns") / ns, ignore_errors=True)
+            removed.append(ns)
+    for d in Path(tempfile.gettempdir()).glob(f"{prefix}-*"):
+        if d.is_dir() and _owner_dead(d.name, prefix):
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(str(d))
     return removed
 
 
@@ -389,6 +399,7 @@ def pick_subnet(rng: random.Random | None = None) -> ipaddress.IPv4Network:
 
 
 _LIVE_NAMESPACES: set[str] = set()
+_LIVE_DIRS: set[str] = set()
 
 
 def _exit_on_sigterm(signum: int, _frame: object) -> None:
@@ -530,7 +541,8 @@ class EmulatedHosts:
             signal.signal(signal.SIGTERM, _exit_on_sigterm)
             self._sigterm_installed = True
         try:
-            self._tmp = Path(tempfile.mkdtemp(prefix=f"{self.prefix}-{self.run_id}-"))
+            self._tmp = Path(tempfile.mkdtemp(prefix=f"{self.prefix}-{os.getpid()}-{self.run_id}-"))
+            _LIVE_DIRS.add(self._tmp.name)
             self.subnet = pick_subnet()
             base = self.subnet.network_address
             for h in range(self.num_hosts):
@@ -606,6 +618,7 @@ class EmulatedHosts:
             _LIVE_NAMESPACES.discard(ns)
         if self._tmp is not None:
             shutil.rmtree(self._tmp, ignore_errors=True)
+            _LIVE_DIRS.discard(self._tmp.name)
         if self._sigterm_installed and signal.getsignal(signal.SIGTERM) is _exit_on_sigterm:
             with contextlib.suppress(ValueError):  # not the main thread
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -906,10 +919,10 @@ class EmulatedHosts:
             elif host.killed:
                 o.killed_with_host = True
                 o.error = f"killed with host {h}"
-            elif o.exit_code is not None:
+            elif timed_out or (run_dir / f"deadline-{rank}").exists() or o.exit_code is None:
+                o.error = f"rank {rank} produced no result within {timeout_s:.0f}s (killed)"
+            else:
                 o.error = f"rank {rank} exited with status {o.exit_code} without a result"
-            elif timed_out or not exit_file.exists():
-                o.error = f"rank {rank} produced no result within {timeout_s:.0f}s"
             if not o.ok and o.log_tail:
                 o.error += f"\n[rank {rank} output]\n{o.log_tail}"
             if not o.ok and host.log is not None and host.log.exists():
@@ -973,7 +986,8 @@ def _host_main(run_dir_s: str, index: int) -> None:
             break
         if pid == 0:
             if not killed and time.time() > spec["deadline"]:
-                for child in children:
+                for child, rank in children.items():
+                    _atomic_write(run_dir / f"deadline-{rank}", b"1")
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(child, signal.SIGKILL)
                 killed = True

@@ -268,3 +268,25 @@ def rebalance_with_fault(
     report["close_s"] = time.monotonic() - t1
     emulated_hosts.report_partial(report)
     return report
+
+
+def misbehave(rank: int, world: int) -> dict[str, Any]:
+    """Harness self-test, one rank per host: all ranks gather host names and
+    addresses (the bridge carries gloo), then rank 0 returns, rank 1 raises,
+    rank 2 exits without a result, rank 3 hangs (until the run's deadline)."""
+    import os
+    import socket
+
+    import emulated_hosts
+
+    mine = (socket.gethostname(), emulated_hosts.current_host())
+    seen: list[Any] = [None] * world
+    torch.distributed.all_gather_object(seen, mine)
+    emulated_hosts.report_partial(seen)
+    if rank == 1:
+        raise ValueError("rank 1 fails on purpose")
+    if rank == 2:
+        os._exit(3)
+    if rank == 3:
+        time.sleep(3600)
+    return {"seen": seen}
