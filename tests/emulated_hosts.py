@@ -140,6 +140,8 @@ class Action:
     def __post_init__(self) -> None:
         if (self.on is None) == (self.after_s is None):
             raise ValueError(f"Action {self.kind}: give exactly one of on= or after_s=")
+        if self.on is not None:
+            _safe(self.on)
 
 
 @dataclass
@@ -464,8 +466,10 @@ class EmulatedHosts:
         python: str = sys.executable,
         mtu: int = 1500,
     ) -> None:
-        if hosts < 1 or ranks_per_host < 1:
-            raise ValueError(f"hosts, ranks_per_host: expected >= 1, got {hosts}, {ranks_per_host}")
+        if not 1 <= hosts <= 250 or ranks_per_host < 1:
+            raise ValueError(
+                f"hosts, ranks_per_host: expected 1..250 and >= 1, got {hosts}, {ranks_per_host}"
+            )
         if "-" in prefix or not prefix:
             raise ValueError(f"prefix: expected a non-empty name without '-', got {prefix!r}")
         self.num_hosts = hosts
@@ -799,9 +803,9 @@ class EmulatedHosts:
         skips ``destroy_process_group`` (after faults it may block). After
         ``timeout_s`` every host is killed and the missing ranks reported.
         """
-        self.start()
         if self._closed:
             raise RuntimeError("EmulatedHosts is closed")
+        self.start()
         assert self._tmp is not None
         self._runs += 1
         run_dir = self._tmp / f"run{self._runs}"
