@@ -134,7 +134,7 @@ def holders(old: np.ndarray, layer: int, expert: int, world: int) -> set[int]:
 def rebalance_across_hosts(rank: int, world: int, seed: int, nodes: list[int]) -> dict[str, Any]:
     """Two rebalances through one NIXL communicator: ``old -> new`` with an
     explicit ``node_of_rank=nodes``, then ``new -> old`` with the topology the
-    communicator learned from host names. Checks bytes after each, and which
+    communicator detected (kernel boot id and PID namespace). Checks bytes after each, and which
     source each received expert came from."""
     import eplb_xfer
 
@@ -144,6 +144,7 @@ def rebalance_across_hosts(rank: int, world: int, seed: int, nodes: list[int]) -
     row_bytes = sum(row_nbytes(d, s) for _n, d, s in SPECS)
     comm = eplb_xfer.create_communicator("nixl", None, weights, buffer, timeout_s=20.0)
     learned = list(comm.node_of_rank)  # type: ignore[attr-defined]
+    directions = list(comm.directions)  # type: ignore[attr-defined]
     try:
         stats = eplb_xfer.rearrange_expert_weights_inplace(
             old, new, weights, buffer, None, comm, node_of_rank=nodes
@@ -181,6 +182,7 @@ def rebalance_across_hosts(rank: int, world: int, seed: int, nodes: list[int]) -
     oracle_catches = len(check(probe, new, old, rank, world, seed)) == 1
     return {
         "learned_nodes": learned,
+        "directions": directions,
         "errors_forward": errors_forward,
         "errors_back": errors_back,
         "reads": reads,
@@ -242,6 +244,7 @@ def rebalance_with_fault(
             old, new, weights, buffer, None, comm, on_layer=on_layer
         )
         kind, peer, layer, committed, msg = "no error", None, None, list(range(num_layers)), ""
+        blame = ""
     except eplb_xfer.TransferError as e:
         kind, peer, layer, committed, msg = (
             "TransferError",
@@ -250,8 +253,10 @@ def rebalance_with_fault(
             list(e.committed_layers),
             str(e),
         )
+        blame = e.blame
     except Exception as e:  # reported, not raised: the test says what was expected
         kind, peer, layer, committed, msg = type(e).__name__, None, None, [], str(e)
+        blame = ""
     elapsed = time.monotonic() - t0
     report: dict[str, Any] = {
         "kind": kind,
@@ -259,6 +264,7 @@ def rebalance_with_fault(
         "layer": layer,
         "committed": committed,
         "msg": msg,
+        "blame": blame,
         "elapsed": elapsed,
         "errors": check(weights, old, new, rank, world, seed, layers=committed, specs=specs),
     }

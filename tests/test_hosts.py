@@ -28,10 +28,11 @@ pytestmark = pytest.mark.skipif(not _OK, reason=f"emulated hosts unavailable: {_
 NODES = [0, 0, 1, 1]
 QUIET_UCX = {"UCX_WARN_UNUSED_ENV_VARS": "n", "UCX_LOG_LEVEL": "fatal"}
 FAULT_TIMEOUT_S = 3.0
-#: Generous ceiling for "in bounded time": the deadline, the <= 2 s agreement
-#: grace, and slack for 4 processes on 2 shared cores.
+#: Generous ceiling for "in bounded time": the deadline, two agreement rounds
+#: (min(1 s, timeout / 2) each), and slack for 4 processes on 2 shared cores.
 FAIL_CEILING_S = FAULT_TIMEOUT_S + 2.0 + 10.0
-CLOSE_CEILING_S = 5.0 + 10.0  # close()'s linger is at most 5 s
+#: close() after a TransferError does not linger on dead peers.
+CLOSE_CEILING_S = 1.5
 
 
 Scenario = tuple[list[RankOutcome], list[str]]
@@ -95,9 +96,19 @@ def test_rebalance_is_byte_exact_across_hosts(healthy: Scenario) -> None:
     assert leftovers == []
 
 
-def test_hosts_are_learned_from_hostnames(healthy: Scenario) -> None:
+def test_nodes_and_directions_are_detected(healthy: Scenario) -> None:
+    """Nodes come from what UCX can use (same kernel and PID namespace), not
+    host names; inside a host rows move by READ (cma), across hosts by WRITE
+    (tcp would emulate GET with round trips)."""
     outcomes, _ = healthy
     assert [o.value["learned_nodes"] for o in outcomes] == [NODES] * 4
+    for o in outcomes:
+        dirs = o.value["directions"]
+        for peer, d in enumerate(dirs):
+            if peer == o.rank:
+                assert d == "self"
+            else:
+                assert d == ("read" if NODES[peer] == NODES[o.rank] else "write"), dirs
 
 
 def test_same_host_sources_are_preferred(healthy: Scenario) -> None:
@@ -133,16 +144,15 @@ def test_killed_host_survivors_fail_in_time(killed_host: Scenario) -> None:
     assert leftovers == []
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="issue 12: survivors of a killed host named different dead ranks in 1 of 5 runs "
-    "(not reproduced by this harness: 0 of 23 failing kill runs on 7684ab2); the protocol "
-    "rewrite makes agreement a guarantee",
-)
 def test_killed_host_survivors_name_the_same_peer(killed_host: Scenario) -> None:
+    """Both ranks of host 1 die at once: both survivors name the lowest dead
+    rank and agree on the failing layer and the committed layers."""
     outcomes, _ = killed_host
-    named = [(o.value if o.ok else o.partial or {}).get("peer") for o in outcomes[:2]]
-    assert named[0] == named[1], f"survivors named {named}"
+    reports = [o.value if o.ok else o.partial or {} for o in outcomes[:2]]
+    assert [r.get("peer") for r in reports] == [2, 2], reports
+    assert all(r.get("blame") == "dead" for r in reports), reports
+    assert reports[0]["layer"] == reports[1]["layer"], reports
+    assert reports[0]["committed"] == reports[1]["committed"], reports
 
 
 # --------------------------------------------------------------------------- link down
@@ -163,12 +173,17 @@ def test_link_down_every_rank_fails_in_time(link_down: Scenario) -> None:
     assert leftovers == []
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="issue 12: close() crashed after the link between hosts went down in 4 of 10 "
-    "runs (not reproduced by this harness: 0 of 22 link-down runs on 7684ab2); the protocol "
-    "rewrite fixes it",
-)
+def test_link_down_each_side_agrees(link_down: Scenario) -> None:
+    """A partition cannot agree across the cut, but each side agrees with
+    itself and names a rank on the other side."""
+    outcomes, _ = link_down
+    reports = _reports(outcomes)
+    for host in (0, 1):
+        side = [r for o, r in zip(outcomes, reports) if NODES[o.rank] == host]
+        assert len({(r["peer"], r["layer"], tuple(r["committed"])) for r in side}) == 1, side
+        assert all(NODES[r["peer"]] != host for r in side), side
+
+
 def test_link_down_close_does_not_crash(link_down: Scenario) -> None:
     outcomes, _ = link_down
     for o in outcomes:
@@ -187,7 +202,8 @@ def test_harness_reports_every_failure_and_cleans_up() -> None:
         outcomes = eh.run(hosts_workers.misbehave, timeout_s=25.0, destroy_group=False)
     assert eh.leftovers() == []
     ok, raised, exited, hung = outcomes
-    assert ok.ok and ok.exited_cleanly
+    # (its exit may be slow while a peer hangs in the group: only the result counts)
+    assert ok.ok, ok.error
     assert ok.value["seen"] == [(name, h) for h, name in enumerate(hostnames)]
     assert not raised.ok and "ValueError: rank 1 fails on purpose" in raised.error
     assert raised.exit_code == 1
