@@ -697,3 +697,23 @@ def reallocated_tensor(rank: int, world: int):
     )
     comm.close()
     return out
+
+
+def set_up_under(rank: int, world: int, direction: str):
+    """Set-up and one rebalance under the UCX settings of the test's env."""
+    old, new, _e = scenario(1, world, 2, 3)
+    weights, buffer = build(MIXED, old, rank, world)
+    snap = snapshot([buffer])
+    out = _outcome(lambda: _set_up_and_run(old, new, weights, buffer, direction))
+    out["agents"] = _core.live_agents()
+    out["buffer_untouched"] = len(unchanged([buffer], snap)) == 1
+    out["errors"] = check(MIXED, weights, old, new, rank, world) if out["kind"] == "ok" else []
+    return out
+
+
+def _set_up_and_run(old, new, weights, buffer, direction: str) -> None:
+    comm = eplb_xfer.NixlCommunicator(None, weights, buffer, timeout_s=5.0, direction=direction)
+    try:
+        eplb_xfer.rearrange_expert_weights_inplace(old, new, weights, buffer, None, comm)
+    finally:
+        comm.close()

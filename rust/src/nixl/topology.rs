@@ -21,6 +21,8 @@ pub struct RankFacts {
     pub rdma: bool,
     /// UCX's cuda_ipc may do GET zero-copy (GPU READ inside a node).
     pub cuda_get_zcopy: bool,
+    /// UCX may use cma between processes of a node (host READ inside a node).
+    pub host_get: bool,
 }
 
 /// How the direction of each pair is chosen.
@@ -87,7 +89,11 @@ impl Topology {
                     DirectionChoice::Write => Direction::Write,
                     DirectionChoice::Auto => {
                         let zero_copy_get = if same {
-                            !vram || (facts[a].cuda_get_zcopy && facts[b].cuda_get_zcopy)
+                            if vram {
+                                facts[a].cuda_get_zcopy && facts[b].cuda_get_zcopy
+                            } else {
+                                facts[a].host_get && facts[b].host_get
+                            }
                         } else {
                             facts[a].rdma && facts[b].rdma
                         };
@@ -186,9 +192,29 @@ fn tls_allows_rdma(tls: Option<&str>) -> bool {
     })
 }
 
-/// Whether UCX's cuda_ipc may do GET zero-copy (`UCX_CUDA_IPC_ENABLE_GET_ZCOPY`).
+/// Whether `UCX_TLS` allows transport `name` (or one of `aliases`).
+fn tls_allows(tls: Option<&str>, names: &[&str]) -> bool {
+    let Some(tls) = tls else { return true };
+    let tls = tls.trim();
+    if let Some(excluded) = tls.strip_prefix('^') {
+        return !excluded.split(',').any(|t| names.contains(&t.trim()));
+    }
+    tls.split(',').any(|t| {
+        let t = t.trim();
+        t == "all" || names.contains(&t)
+    })
+}
+
+/// Whether UCX may use cma between processes of this node (`UCX_TLS`).
+pub fn local_host_get() -> bool {
+    tls_allows(std::env::var("UCX_TLS").ok().as_deref(), &["cma", "sm", "shm"])
+}
+
+/// Whether UCX's cuda_ipc may do GET zero-copy (`UCX_TLS` allows cuda_ipc and
+/// `UCX_CUDA_IPC_ENABLE_GET_ZCOPY` is not off).
 pub fn local_cuda_get_zcopy() -> bool {
-    !matches!(
+    tls_allows(std::env::var("UCX_TLS").ok().as_deref(), &["cuda_ipc", "cuda"])
+        && !matches!(
         std::env::var("UCX_CUDA_IPC_ENABLE_GET_ZCOPY")
             .unwrap_or_default()
             .trim()
@@ -221,6 +247,7 @@ mod tests {
             node_key: key.into(),
             rdma,
             cuda_get_zcopy: true,
+            host_get: true,
         }
     }
 
@@ -279,6 +306,16 @@ mod tests {
         let rd = vec![facts("a", true), facts("b", true)];
         let t = Topology::new(&rd, false, DirectionChoice::Auto, Schedule::Rounds, None);
         assert_eq!(t.direction[0][1], Direction::Read); // RDMA GET
+    }
+
+    #[test]
+    fn without_cma_a_node_writes() {
+        let mut f = vec![facts("h", false), facts("h", false)];
+        f[1].host_get = false;
+        let t = Topology::new(&f, false, DirectionChoice::Auto, Schedule::Rounds, None);
+        assert_eq!(t.direction[0][1], Direction::Write);
+        assert!(tls_allows(Some("tcp,cma"), &["cma"]) && !tls_allows(Some("tcp"), &["cma"]));
+        assert!(!tls_allows(Some("^cma"), &["cma"]) && tls_allows(None, &["cma"]));
     }
 
     #[test]

@@ -116,6 +116,7 @@ impl Endpoint {
                 node_key: topology::local_node_key(),
                 rdma: topology::local_rdma(),
                 cuda_get_zcopy: topology::local_cuda_get_zcopy(),
+                host_get: topology::local_host_get(),
             },
         })
     }
@@ -127,7 +128,9 @@ impl Endpoint {
         let mut out = BLOB_MAGIC.to_vec();
         out.extend_from_slice(&self.cfg.rank.to_le_bytes());
         let flags = [
-            u8::from(self.facts.rdma) | (u8::from(self.facts.cuda_get_zcopy) << 1),
+            u8::from(self.facts.rdma)
+                | (u8::from(self.facts.cuda_get_zcopy) << 1)
+                | (u8::from(self.facts.host_get) << 2),
             self.cfg.direction as u8,
             self.cfg.schedule as u8,
             self.cfg.mode as u8,
@@ -562,6 +565,7 @@ fn parse_blob(b: &[u8]) -> Result<(u32, PeerBlob), NixlError> {
                 node_key,
                 rdma: flags[0] & 1 != 0,
                 cuda_get_zcopy: flags[0] & 2 != 0,
+                host_get: flags[0] & 4 != 0,
             },
             options: [flags[1], flags[2], flags[3]],
         },

@@ -136,6 +136,7 @@ fn node_ids(keys: Vec<String>) -> Vec<u32> {
             node_key: k,
             rdma: false,
             cuda_get_zcopy: true,
+            host_get: true,
         })
         .collect();
     crate::nixl::topology::Topology::new(
