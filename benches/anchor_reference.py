@@ -22,8 +22,9 @@ Python planning cost is *not* counted (kinder to the anchor).
 
 Ours: ``eplb_xfer.NixlCommunicator(mode="zero_copy")`` driven by
 ``eplb_xfer.rearrange_expert_weights_inplace`` (per-layer time = gap between
-``on_layer`` callbacks), and the per-layer engine path alone
-(``communicator.transfer_layer``: the READ exchange of one layer, no commit).
+``on_layer`` callbacks), and the per-layer call alone
+(``communicator.rebalance_layer``: local copies, the exchange and the commit of
+one layer, one call into the Rust core).
 
 Both run in the same two CPU processes, with real NIXL (UCX over DRAM), the
 same placements (``benches/rebalance.py``'s splitmix generator: 256 experts, 288
@@ -237,7 +238,8 @@ def _rank_main(
         src, dst = placements[(step - 1) % 2], placements[step % 2]
         mismatches += len(verify(specs, weights, src, dst, rank, world, cfg.experts, cfg.seed))
 
-    # -- ours: the engine path alone (no commit: weights stay as they are)
+    # -- ours: the per-layer call alone (rebalance_layer: copies, exchange and
+    #    commit of one layer in one call into the Rust core), a full pass each
     comm = eplb_xfer.NixlCommunicator(None, weights, buffer, mode="zero_copy")
     try:
         engine: list[float] = []
@@ -246,10 +248,14 @@ def _rank_main(
             src = placements[step % 2]
             dist.barrier()
             for layer in range(cfg.layers):
+                if not plan.layer_moves(layer):
+                    continue
                 t0 = time.perf_counter()
-                comm.transfer_layer(plan, layer, weights[layer], buffer, src[layer])
+                comm.rebalance_layer(plan, layer, weights[layer], buffer, src[layer])
                 if i >= cfg.warmup:
                     engine.append(time.perf_counter() - t0)
+            step += 1
+            check()
         out["ours_engine"] = engine
         # -- ours: the full driver, per-layer time between on_layer callbacks
         ours: list[float] = []
@@ -315,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         epilog=(
             "Prints the median per-layer latency (over layers, repeats and ranks) of: ours "
-            "(rearrange_expert_weights_inplace), ours engine path (transfer_layer), anchor "
+            "(rearrange_expert_weights_inplace), ours per-layer call (rebalance_layer), anchor "
             "batched, anchor serial; and anchor/ours ratios. Writes "
             "benches/results/anchor_vs_ours.json."
         ),
@@ -431,7 +437,8 @@ def main(argv: list[str] | None = None) -> int:
         "notes": (
             "whole layer (ours_rearrange, anchor_*) = local copies + transfer + "
             "barrier/notifications + commit, the same torch row copies on both sides; "
-            "transfer step (ours_engine = transfer_layer, anchor_*_comm = READ bookkeeping "
+            "transfer step (ours_engine = rebalance_layer, incl. copies and commit; "
+            "anchor_*_comm = READ bookkeeping "
             "+ barrier). Anchor planning reuses eplb-xfer's plan, so its Python planning is "
             "not counted."
         ),

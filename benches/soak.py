@@ -1,6 +1,6 @@
 """Soak benchmark: thousands of consecutive rebalances through one communicator.
 
-Spawns ``--ranks`` processes; each runs :func:`eplb_xfer.testing.soak_rank`:
+Spawns ``--ranks`` processes; each runs the test suite's ``workers.soak``:
 ``--rounds`` rebalances (3 layers, 4 slots per rank, 4 tensors per expert) to
 fresh random placements through one NixlCommunicator, checking every
 ``--check-every``-th result byte for byte. Reports per mode: rebalances per
@@ -20,9 +20,11 @@ import sys
 from pathlib import Path
 
 from eplb_xfer._spawn import spawn_ranks
-from eplb_xfer.testing import soak_rank
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))  # the rank loop is the soak test's (workers.soak)
+from workers import soak  # noqa: E402
+
 RESULTS = ROOT / "benches" / "results"
 ENV = {"UCX_WARN_UNUSED_ENV_VARS": "n", "UCX_LOG_LEVEL": "fatal"}
 
@@ -44,26 +46,22 @@ def main(argv: list[str] | None = None) -> int:
     ok = True
     print(
         f"{'mode':<18} {'reb/s':>8} {'RSS warm MiB':>13} {'RSS end MiB':>12} {'growth KiB':>11} "
-        f"{'req live':>9} {'lists live':>11} {'inbox max':>10} {'errors':>7}"
+        f"{'req live':>9} {'lists live':>11} {'buffered':>10} {'errors':>7}"
     )
     for spec in args.modes.split(","):
         mode, _, extra = spec.partition("+")
-        fn = functools.partial(
-            soak_rank, check_every=args.check_every, verify_checksums=extra == "verify"
-        )
+        fn = functools.partial(soak, check_every=args.check_every, verify=extra == "verify")
         per_rank = spawn_ranks(fn, args.ranks, mode, args.rounds, timeout_s=3600.0, env=ENV)
-        for r in per_rank:
-            r.pop("counters_end", None)
-        worst = max(per_rank, key=lambda r: r["rss_end"] - r["rss_after_warmup"])
-        growth = worst["rss_end"] - worst["rss_after_warmup"]
+        worst = max(per_rank, key=lambda r: r["rss_end"] - r["rss_warm"])
+        growth = worst["rss_end"] - worst["rss_warm"]
         rate = args.rounds / max(r["seconds"] for r in per_rank)
         errors = sum(len(r["errors"]) for r in per_rank)
         req = sorted({v for r in per_rank for v in r["requests_live_seen"]})
         lists = sorted({v for r in per_rank for v in r["prepared_lists_live_seen"]})
-        inbox = max(r["inbox_entries_max"] for r in per_rank)
-        ok &= errors == 0 and req == [0] and lists == [args.ranks]
+        inbox = max(r["buffered_max"] for r in per_rank)
+        ok &= errors == 0 and req == [0] and len(lists) == 1
         print(
-            f"{spec:<18} {rate:>8.0f} {worst['rss_after_warmup'] / 2**20:>13.1f} "
+            f"{spec:<18} {rate:>8.0f} {worst['rss_warm'] / 2**20:>13.1f} "
             f"{worst['rss_end'] / 2**20:>12.1f} {growth / 1024:>11.0f} {str(req):>9} "
             f"{str(lists):>11} {inbox:>10} {errors:>7}"
         )
@@ -72,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
             "rss_growth_bytes_worst_rank": growth,
             "requests_live_seen": req,
             "prepared_lists_live_seen": lists,
-            "inbox_entries_max": inbox,
+            "buffered_max": inbox,
             "errors": errors,
             "per_rank": per_rank,
         }

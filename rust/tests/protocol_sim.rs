@@ -795,7 +795,7 @@ impl Sim {
             // the reader whose row the rank forgot, and the rank, never transfer
             let seq = layer as u64 + 1;
             let moves = &self.sc.moves[layer as usize];
-            if let Some(m) = moves.iter().filter(|m| m.source == rank).last() {
+            if let Some(m) = moves.iter().rev().find(|m| m.source == rank) {
                 for (a, b) in [(m.reader, rank), (rank, m.reader)] {
                     if self.posted_pairs.contains(&(seq, a, b)) {
                         self.violations.push(format!(

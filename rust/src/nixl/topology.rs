@@ -207,14 +207,19 @@ fn tls_allows(tls: Option<&str>, names: &[&str]) -> bool {
 
 /// Whether UCX may use cma between processes of this node (`UCX_TLS`).
 pub fn local_host_get() -> bool {
-    tls_allows(std::env::var("UCX_TLS").ok().as_deref(), &["cma", "sm", "shm"])
+    tls_allows(
+        std::env::var("UCX_TLS").ok().as_deref(),
+        &["cma", "sm", "shm"],
+    )
 }
 
 /// Whether UCX's cuda_ipc may do GET zero-copy (`UCX_TLS` allows cuda_ipc and
 /// `UCX_CUDA_IPC_ENABLE_GET_ZCOPY` is not off).
 pub fn local_cuda_get_zcopy() -> bool {
-    tls_allows(std::env::var("UCX_TLS").ok().as_deref(), &["cuda_ipc", "cuda"])
-        && !matches!(
+    tls_allows(
+        std::env::var("UCX_TLS").ok().as_deref(),
+        &["cuda_ipc", "cuda"],
+    ) && !matches!(
         std::env::var("UCX_CUDA_IPC_ENABLE_GET_ZCOPY")
             .unwrap_or_default()
             .trim()

@@ -450,9 +450,16 @@ impl Connected {
             closing: None,
         };
         worker.publish_final(); // counters are valid before the first job
+        let cuda_device = (self.cfg.mem == MemKind::Vram).then_some(self.cfg.device_id);
         let thread = std::thread::Builder::new()
             .name(format!("eplbx-r{}", self.cfg.rank))
-            .spawn(move || worker.run())
+            .spawn(move || {
+                if let Some(dev) = cuda_device {
+                    // UCX's CUDA transports act on the calling thread's context.
+                    bind_cuda_context(dev);
+                }
+                worker.run()
+            })
             .map_err(|e| NixlError::Input(format!("cannot start the transport thread: {e}")))?;
         Ok(Transport {
             tx: Mutex::new(Some(tx)),
@@ -1311,6 +1318,40 @@ impl Worker {
         // Completed requests of the finished exchange are released by now.
         self.publish();
         self.job = job;
+    }
+}
+
+/// Makes device `ordinal`'s primary CUDA context current on this thread
+/// (through the driver library, loaded at run time; best effort: without it
+/// UCX falls back to whatever context it finds).
+fn bind_cuda_context(ordinal: u64) {
+    type Init = unsafe extern "C" fn(u32) -> i32;
+    type DeviceGet = unsafe extern "C" fn(*mut i32, i32) -> i32;
+    type Retain = unsafe extern "C" fn(*mut *mut std::ffi::c_void, i32) -> i32;
+    type SetCurrent = unsafe extern "C" fn(*mut std::ffi::c_void) -> i32;
+    let Ok(ordinal) = i32::try_from(ordinal) else {
+        return;
+    };
+    // SAFETY: the CUDA driver library's documented entry points, called with
+    // valid out-pointers; the library stays loaded for the process's life.
+    unsafe {
+        let Ok(lib) = libloading::Library::new("libcuda.so.1") else {
+            return;
+        };
+        let (Ok(init), Ok(get), Ok(retain), Ok(set)) = (
+            lib.get::<Init>(b"cuInit"),
+            lib.get::<DeviceGet>(b"cuDeviceGet"),
+            lib.get::<Retain>(b"cuDevicePrimaryCtxRetain"),
+            lib.get::<SetCurrent>(b"cuCtxSetCurrent"),
+        ) else {
+            return;
+        };
+        let mut dev = 0i32;
+        let mut ctx: *mut std::ffi::c_void = std::ptr::null_mut();
+        if init(0) == 0 && get(&mut dev, ordinal) == 0 && retain(&mut ctx, dev) == 0 {
+            set(ctx);
+        }
+        std::mem::forget(lib);
     }
 }
 
