@@ -239,8 +239,10 @@ impl RankLayout {
     }
 
     /// The memory to register with NIXL: the spans of every tensor, merged
-    /// where they touch or overlap (a region is registered once, however
-    /// many tensors share it).
+    /// where they overlap (a region is registered once, however many tensors
+    /// share it). Spans that merely touch stay apart: on GPUs they may belong
+    /// to two allocations, and one registration must not span both (CUDA IPC
+    /// maps one allocation per handle).
     pub fn registration_regions(&self, with_weights: bool) -> Vec<(u64, u64)> {
         let n = self.n_local;
         let mut spans: Vec<(u64, u64)> = Vec::new();
@@ -264,7 +266,7 @@ impl RankLayout {
         let mut merged: Vec<(u64, u64)> = Vec::with_capacity(spans.len());
         for (a, b) in spans {
             match merged.last_mut() {
-                Some(last) if a <= last.1 => last.1 = last.1.max(b),
+                Some(last) if a < last.1 => last.1 = last.1.max(b),
                 _ => merged.push((a, b)),
             }
         }
@@ -508,7 +510,11 @@ mod tests {
         let mut sorted = r.clone();
         sorted.dedup();
         assert_eq!(r, sorted);
-        assert!(r.windows(2).all(|w| w[0].0 + w[0].1 < w[1].0));
+        assert!(r.windows(2).all(|w| w[0].0 + w[0].1 <= w[1].0));
+        // touching tensors (maybe two GPU allocations) are registered apart
+        let mut touch = sample();
+        touch.buffer[1].base = 5000 + 48;
+        assert!(touch.registration_regions(false).contains(&(5048, 12)));
     }
 
     #[test]
