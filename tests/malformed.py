@@ -506,16 +506,23 @@ CASES: list[Case] = [
     ),
     # -- memory shared between rows (aliasing) ------------------------------------------
     (
+        # a NIXL communicator names the tensor it did not register
         "weights_layer_listed_twice",
         ValueError,
-        "shares memory",
+        "expert_weights[1][0]",
         lambda c: c.run(expert_weights=[c.weights[0], c.weights[0]]),
     ),
     (
         "buffer_is_a_layer",
         ValueError,
-        "shares memory",
+        "expert_buffer[0]",
         lambda c: c.run(expert_buffer=c.weights[1]),
+    ),
+    (
+        "torch_backend_buffer_is_a_layer",
+        ValueError,
+        "shares memory",
+        lambda c: c.run(expert_buffer=c.weights[1], communicator=c.torch_comm),
     ),
     (
         "torch_backend_aliased_layers",

@@ -77,11 +77,12 @@ def validate_weights(
     expert_buffer: Sequence[torch.Tensor],
     n_local: int | None = None,
 ) -> tuple[int, torch.device]:
-    """Checks the weights/buffer contract; returns ``(n_local, device)``.
+    """Checks the weights/buffer structure; returns ``(n_local, device)``.
 
     Every layer has the same tensors (count, dtype, shape) as
-    ``expert_buffer``, all on one device with ``n_local`` rows; then the Rust
-    core checks the memory (contiguous rows, no two rows sharing bytes).
+    ``expert_buffer``, all on one device with ``n_local`` rows. The memory
+    (contiguous rows, no two rows sharing bytes) is the Rust core's check:
+    :func:`check_memory`, or a NIXL communicator's registration.
     """
     if not is_seq(expert_buffer):
         raise TypeError(
@@ -131,8 +132,15 @@ def validate_weights(
                     f"{name}: {w.dtype} {tuple(w.shape)} does not match expert_buffer[{t_idx}] "
                     f"{b.dtype} {tuple(b.shape)}"
                 )
-    _core.check_layout([list(layer) for layer in expert_weights], list(expert_buffer))
     return rows, device
+
+
+def check_memory(
+    expert_weights: Sequence[Sequence[torch.Tensor]], expert_buffer: Sequence[torch.Tensor]
+) -> None:
+    """``ValueError`` naming the tensor unless every row is contiguous and no
+    two rows (of any layer, tensor, or the buffer) share memory."""
+    _core.check_layout([list(layer) for layer in expert_weights], list(expert_buffer))
 
 
 def expert_bytes(tensors: Sequence[torch.Tensor]) -> int:

@@ -25,7 +25,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ._tensors import check_int, copy_rows, copy_runs, deferred_sigint, to_indices
+from ._tensors import (
+    check_int,
+    check_memory,
+    copy_rows,
+    copy_runs,
+    deferred_sigint,
+    to_indices,
+)
 from .planning import TransferPlan
 
 
@@ -157,8 +164,10 @@ class EplbCommunicator(ABC):
         expert_buffer: Sequence[torch.Tensor],
     ) -> None:
         """Raises ``ValueError`` if this communicator cannot move these tensors
-        (called before anything moves; the default accepts all)."""
+        (called by the driver before anything moves): the default checks their
+        memory (contiguous rows, no two rows sharing bytes)."""
         self._check_open("rebalance")
+        check_memory(expert_weights, expert_buffer)
 
     def rebalance_layer(
         self,

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 from . import _core
-from ._tensors import stream_context, validate_weights
+from ._tensors import check_memory, stream_context, validate_weights
 from .communicator import EplbCommunicator, check_expert, check_rank, check_row_tensors
 
 
@@ -46,6 +46,7 @@ class TorchCommunicator(EplbCommunicator):
                     "expert_weights: pass both expert_weights and expert_buffer, or neither"
                 )
             n_local, _dev = validate_weights(expert_weights, expert_buffer)
+            check_memory(expert_weights, expert_buffer)
             self._num_layers = len(expert_weights)
             self._num_slots = n_local * self.world_size
             self._row_bytes = [b[0].numel() * b.element_size() for b in expert_buffer]

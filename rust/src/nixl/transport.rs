@@ -18,8 +18,7 @@
 
 use std::collections::HashMap;
 use std::ffi::c_int;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -424,8 +423,7 @@ impl Connected {
         };
         let session = Session::new(scfg).map_err(|e| NixlError::Input(e.to_string()))?;
         let shared = Arc::new(Shared::default());
-        let (tx, rx) = mpsc::channel();
-        let mut worker = Worker {
+        let mut core = Core {
             agent: self.agent,
             session,
             space: self.space,
@@ -443,30 +441,28 @@ impl Connected {
             peer_lists: self.peer_lists,
             inflight: HashMap::new(),
             job: None,
+            replies: std::collections::VecDeque::new(),
             epoch: Instant::now(),
             shared: shared.clone(),
             scratch: self.backlog,
-            rx,
-            closing: None,
+            round_timeout: self.cfg.round_timeout(),
+            torn_down: false,
         };
-        worker.publish_final(); // counters are valid before the first job
+        core.publish_final(); // counters are valid before the first job
+        let core = Arc::new(Mutex::new(core));
         let cuda_device = (self.cfg.mem == MemKind::Vram).then_some(self.cfg.device_id);
+        let (c2, s2) = (core.clone(), shared.clone());
         let thread = std::thread::Builder::new()
             .name(format!("eplbx-r{}", self.cfg.rank))
-            .spawn(move || {
-                if let Some(dev) = cuda_device {
-                    // UCX's CUDA transports act on the calling thread's context.
-                    bind_cuda_context(dev);
-                }
-                worker.run()
-            })
+            .spawn(move || background(c2, s2, cuda_device))
             .map_err(|e| NixlError::Input(format!("cannot start the transport thread: {e}")))?;
         Ok(Transport {
-            tx: Mutex::new(Some(tx)),
+            core,
             shared,
             thread: Mutex::new(Some(thread)),
             owner_pid: std::process::id(),
             topo: self.topo,
+            closed: AtomicBool::new(false),
         })
     }
 }
@@ -639,14 +635,6 @@ pub enum Reply {
     Closed,
 }
 
-#[derive(Debug)]
-enum Cmd {
-    Exchange(Box<Job>, Sender<Reply>),
-    Done(Sender<Reply>),
-    Abort(AbortCode, u32, Option<Sender<Reply>>),
-    Close(Duration, Sender<Reply>),
-}
-
 /// Counters of a transport (readable at any time, without waiting).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Counters {
@@ -661,37 +649,27 @@ pub struct Counters {
     pub failed_peers: Vec<u32>,
 }
 
+/// State shared with other threads without taking the core's lock.
 #[derive(Default)]
 struct Shared {
     counters: Mutex<Counters>,
-    gen: AtomicU64,
+    /// An abort asked for by another thread (close, Ctrl-C), applied by
+    /// whoever drives the core next.
+    abort: Mutex<Option<(AbortCode, u32)>>,
+    stop: AtomicBool,
 }
 
-/// A running transport. Dropping it closes it (short linger).
+/// A running transport: the core (agent + session) behind a lock. The
+/// caller's thread drives it during a call (no thread hand-off on the hot
+/// path); a background thread drives it between calls, so peers are always
+/// answered. Dropping it closes it (short linger).
 pub struct Transport {
-    tx: Mutex<Option<Sender<Cmd>>>,
+    core: Arc<Mutex<Core>>,
     shared: Arc<Shared>,
     thread: Mutex<Option<JoinHandle<()>>>,
     owner_pid: u32,
     topo: Topology,
-}
-
-/// A job in flight; wait for its replies with [`Pending::wait`].
-pub struct Pending {
-    rx: Receiver<Reply>,
-}
-
-impl Pending {
-    /// Waits up to `step` for the next reply (`None`: not yet).
-    pub fn wait(&self, step: Duration) -> Result<Option<Reply>, NixlError> {
-        match self.rx.recv_timeout(step) {
-            Ok(r) => Ok(Some(r)),
-            Err(RecvTimeoutError::Timeout) => Ok(None),
-            Err(RecvTimeoutError::Disconnected) => {
-                Err(NixlError::Protocol("the transport thread stopped".into()))
-            }
-        }
-    }
+    closed: AtomicBool,
 }
 
 impl Transport {
@@ -704,48 +682,71 @@ impl Transport {
         std::process::id() == self.owner_pid
     }
 
-    fn send(&self, cmd: Cmd) -> Result<(), NixlError> {
+    /// The core, for this process only; `new_work`: refused once closed (a
+    /// call in progress still collects its outcome).
+    fn lock(&self, new_work: bool) -> Result<std::sync::MutexGuard<'_, Core>, NixlError> {
         if !self.owned_here() {
             return Err(NixlError::Input(format!(
                 "this communicator belongs to process {} (this is a forked child); create a new one here",
                 self.owner_pid
             )));
         }
-        let g = self.tx.lock().unwrap_or_else(|p| p.into_inner());
-        match g.as_ref() {
-            Some(tx) => tx
-                .send(cmd)
-                .map_err(|_| NixlError::Protocol("the transport thread stopped".into())),
-            None => Err(NixlError::Input("the communicator is closed".into())),
+        if new_work && self.closed.load(Ordering::Acquire) {
+            return Err(NixlError::Input("the communicator is closed".into()));
+        }
+        Ok(self.core.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Starts an exchange; drive it with [`Transport::drive`].
+    pub fn submit(&self, job: Job) -> Result<(), NixlError> {
+        let mut core = self.lock(true)?;
+        core.take_abort(&self.shared);
+        core.begin(job).map_err(NixlError::Input)
+    }
+
+    /// Drives the open exchange for at most `step`; returns its next reply
+    /// (`Landed` or `Finished`) once there is one.
+    pub fn drive(&self, step: Duration) -> Result<Option<Reply>, NixlError> {
+        let mut core = self.lock(false)?;
+        let until = Instant::now() + step;
+        let mut idle = 0u32;
+        loop {
+            core.take_abort(&self.shared);
+            if let Some(r) = core.replies.pop_front() {
+                return Ok(Some(r));
+            }
+            if core.job.is_none() || core.torn_down {
+                return Err(NixlError::Protocol("no exchange is open".into()));
+            }
+            if core.pump() {
+                idle = 0;
+            } else {
+                idle = idle.saturating_add(1);
+                if Instant::now() >= until {
+                    return Ok(None);
+                }
+                backoff(idle);
+            }
         }
     }
 
-    /// Submits an exchange.
-    pub fn submit(&self, job: Job) -> Result<Pending, NixlError> {
-        let (tx, rx) = mpsc::channel();
-        self.send(Cmd::Exchange(Box::new(job), tx))?;
-        Ok(Pending { rx })
-    }
-
     /// Says DONE after a `Landed` reply (the caller verified the data).
-    pub fn done(&self) -> Result<Pending, NixlError> {
-        let (tx, rx) = mpsc::channel();
-        self.send(Cmd::Done(tx))?;
-        Ok(Pending { rx })
+    pub fn done(&self) -> Result<(), NixlError> {
+        let mut core = self.lock(false)?;
+        let now = core.now();
+        core.session
+            .done(now)
+            .map_err(|e| NixlError::Protocol(e.to_string()))
     }
 
     /// Gives up on the open exchange (or, between exchanges, on the next
-    /// one), telling peers why. Never blocks.
+    /// one), telling peers why. Never waits for a running call.
     pub fn abort(&self, code: AbortCode, culprit: u32) -> Result<(), NixlError> {
-        self.send(Cmd::Abort(code, culprit, None))
-    }
-
-    /// Gives up on the open exchange after a `Landed` reply (a verdict on
-    /// `culprit`'s data) and waits for the agreed outcome.
-    pub fn verdict(&self, code: AbortCode, culprit: u32) -> Result<Pending, NixlError> {
-        let (tx, rx) = mpsc::channel();
-        self.send(Cmd::Abort(code, culprit, Some(tx)))?;
-        Ok(Pending { rx })
+        if !self.owned_here() {
+            return Ok(());
+        }
+        *self.shared.abort.lock().unwrap_or_else(|p| p.into_inner()) = Some((code, culprit));
+        Ok(())
     }
 
     pub fn counters(&self) -> Counters {
@@ -756,26 +757,49 @@ impl Transport {
             .clone()
     }
 
-    /// Closes: aborts an open exchange, says goodbye, waits at most `linger`
-    /// for live peers to confirm they have everything this rank sent, then
-    /// tears the agent down. Idempotent. In a forked child it only forgets.
+    /// Closes: aborts an open exchange (peers are told), says goodbye, waits
+    /// at most `linger` for live peers to confirm they have everything this
+    /// rank sent, then tears the agent down. Idempotent. In a forked child
+    /// it only forgets.
     pub fn close(&self, linger: Duration) {
-        let tx = self.tx.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if self.closed.swap(true, Ordering::AcqRel) {
+            return;
+        }
         let thread = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
         if !self.owned_here() {
-            std::mem::forget(tx);
             std::mem::forget(thread);
             return;
         }
-        if let Some(tx) = tx {
-            let (rtx, rrx) = mpsc::channel();
-            if tx.send(Cmd::Close(linger, rtx)).is_ok() {
-                let _ = rrx.recv_timeout(linger + Duration::from_secs(10));
-            }
-        }
+        self.shared.stop.store(true, Ordering::Release);
         if let Some(t) = thread {
             let _ = t.join();
         }
+        let mut core = self.core.lock().unwrap_or_else(|p| p.into_inner());
+        let now = core.now();
+        if core.job.is_some() {
+            let me = core.session.config().rank;
+            core.session.abort(now, AbortCode::Closed, me);
+        }
+        core.session.close(now);
+        let until = Instant::now() + linger;
+        let mut idle = 0u32;
+        // Settle agreements and goodbyes, bounded by the linger (the
+        // agreement of an exchange this aborts gets its rounds too).
+        let hard = Instant::now() + linger.max(core.round_timeout * 3);
+        while !core.session.close_settled() {
+            let open = core.session.next_timeout().is_some();
+            let now = Instant::now();
+            if (now >= until && !open) || now >= hard {
+                break;
+            }
+            if core.pump() {
+                idle = 0;
+            } else {
+                idle = idle.saturating_add(1);
+                backoff(idle);
+            }
+        }
+        core.teardown();
     }
 }
 
@@ -785,23 +809,50 @@ impl Drop for Transport {
     }
 }
 
-// ---- the worker ----------------------------------------------------------------
+/// The background thread: drives the core whenever no caller does.
+fn background(core: Arc<Mutex<Core>>, shared: Arc<Shared>, cuda_device: Option<u64>) {
+    if let Some(dev) = cuda_device {
+        // UCX's CUDA transports act on the calling thread's context.
+        bind_cuda_context(dev);
+    }
+    let mut idle = 0u32;
+    while !shared.stop.load(Ordering::Acquire) {
+        let Ok(mut c) = core.try_lock() else {
+            // A caller drives the core: stay out of its way.
+            std::thread::sleep(Duration::from_millis(1));
+            continue;
+        };
+        c.take_abort(&shared);
+        let progressed = c.pump();
+        c.publish();
+        drop(c);
+        if progressed {
+            idle = 0;
+            continue;
+        }
+        idle = idle.saturating_add(1);
+        // Between calls only peers' agreement messages and goodbyes need an
+        // answer: short naps right after activity, then 1 ms.
+        let us = match idle {
+            0..=15 => 50,
+            16..=63 => 200,
+            _ => 1000,
+        };
+        std::thread::sleep(Duration::from_micros(us));
+    }
+}
+
+// ---- the core ------------------------------------------------------------------
 
 struct JobState {
     job: Job,
     seq: u64,
-    reply: Sender<Reply>,
     started: Instant,
     /// Source of each buffer row received (for host verification).
     received_from: HashMap<u32, Vec<(u32, u32)>>,
 }
 
-struct Closing {
-    until: Instant,
-    reply: Sender<Reply>,
-}
-
-struct Worker {
+struct Core {
     agent: Agent,
     session: Session,
     space: DescriptorSpace,
@@ -813,147 +864,51 @@ struct Worker {
     peer_lists: Vec<Option<PreparedList>>,
     inflight: HashMap<u64, XferReq>,
     job: Option<JobState>,
+    replies: std::collections::VecDeque<Reply>,
     epoch: Instant,
     shared: Arc<Shared>,
     scratch: Vec<(String, Vec<u8>)>,
-    rx: Receiver<Cmd>,
-    closing: Option<Closing>,
+    round_timeout: Duration,
+    torn_down: bool,
 }
 
 fn dur_ns(d: Duration) -> Time {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
-impl Worker {
+impl Core {
     fn now(&self) -> Time {
         dur_ns(self.epoch.elapsed())
     }
 
-    fn run(mut self) {
-        let mut idle = 0u32;
-        loop {
-            let mut progressed = false;
-            // commands
-            loop {
-                match self.rx.try_recv() {
-                    Ok(cmd) => {
-                        progressed = true;
-                        self.command(cmd);
-                    }
-                    Err(mpsc::TryRecvError::Empty) => break,
-                    Err(mpsc::TryRecvError::Disconnected) => {
-                        if self.closing.is_none() {
-                            // The owner went away without closing: close now.
-                            let (tx, _rx) = mpsc::channel();
-                            self.command(Cmd::Close(Duration::from_millis(200), tx));
-                        }
-                        break;
-                    }
-                }
-            }
-            progressed |= self.pump();
-            self.publish();
-            if let Some(c) = &self.closing {
-                let settled = self.session.close_settled();
-                if settled || Instant::now() >= c.until {
-                    let reply = c.reply.clone();
-                    self.teardown();
-                    let _ = reply.send(Reply::Closed);
-                    return;
-                }
-            }
-            if progressed {
-                idle = 0;
-                continue;
-            }
-            idle = idle.saturating_add(1);
-            let busy = self.job.is_some()
-                || self.closing.is_some()
-                || self.session.next_timeout().is_some();
-            if busy {
-                backoff(idle);
-            } else {
-                // Nothing open: block on the command channel, waking now and
-                // then to answer peers.
-                match self.rx.recv_timeout(Duration::from_millis(2)) {
-                    Ok(cmd) => {
-                        idle = 0;
-                        self.command(cmd);
-                    }
-                    Err(RecvTimeoutError::Timeout) => {}
-                    Err(RecvTimeoutError::Disconnected) => {
-                        if self.closing.is_none() {
-                            let (tx, _rx) = mpsc::channel();
-                            self.command(Cmd::Close(Duration::from_millis(200), tx));
-                        }
-                    }
-                }
-            }
+    /// Applies an abort asked for by another thread.
+    fn take_abort(&mut self, shared: &Shared) {
+        let req = shared
+            .abort
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some((code, culprit)) = req {
+            let now = self.now();
+            self.session.abort(now, code, culprit);
         }
     }
 
-    fn command(&mut self, cmd: Cmd) {
-        let now = self.now();
-        match cmd {
-            Cmd::Exchange(job, reply) => {
-                if self.closing.is_some() {
-                    let _ = reply.send(Reply::Refused("the communicator is closing".into()));
-                    return;
-                }
-                if self.job.is_some() || self.session.is_open() {
-                    let _ = reply.send(Reply::Refused(
-                        "another exchange is still open on this communicator".into(),
-                    ));
-                    return;
-                }
-                self.begin(now, *job, reply);
-            }
-            Cmd::Done(reply) => {
-                let res = self.session.done(now);
-                match (res, self.job.as_mut()) {
-                    (Ok(()), Some(j)) => j.reply = reply,
-                    (Err(e), _) => {
-                        let _ = reply.send(Reply::Refused(e.to_string()));
-                    }
-                    (Ok(()), None) => {
-                        let _ = reply.send(Reply::Refused("no exchange is open".into()));
-                    }
-                }
-            }
-            Cmd::Abort(code, culprit, reply) => {
-                if let (Some(r), Some(j)) = (reply.as_ref(), self.job.as_mut()) {
-                    j.reply = r.clone();
-                } else if let Some(r) = reply {
-                    let _ = r.send(Reply::Refused("no exchange is open".into()));
-                }
-                self.session.abort(now, code, culprit);
-            }
-            Cmd::Close(linger, reply) => {
-                self.session.close(now);
-                self.closing = Some(Closing {
-                    until: Instant::now() + linger,
-                    reply,
-                });
-            }
+    fn begin(&mut self, mut job: Job) -> Result<(), String> {
+        if self.torn_down {
+            return Err("the communicator is closed".into());
         }
-    }
-
-    fn begin(&mut self, now: Time, mut job: Job, reply: Sender<Reply>) {
+        if self.job.is_some() || self.session.is_open() {
+            return Err("another exchange is still open on this communicator".into());
+        }
+        self.replies.clear();
         // Host work before the exchange: local copies and staged packing.
         if let (Some(h), Some(layer)) = (&job.host, job.layer) {
-            if let Err(e) = self.host_before(layer, h) {
-                let _ = reply.send(Reply::Refused(e));
-                return;
-            }
+            self.host_before(layer, h)?;
         }
         if job.verify == Verify::Host {
-            match (job.layer, self.served_checksums(&job)) {
-                (Some(_), Ok(p)) => job.spec.payloads = p,
-                (None, _) => {}
-                (_, Err(e)) => {
-                    let _ = reply.send(Reply::Refused(e));
-                    return;
-                }
+            if job.layer.is_some() {
+                job.spec.payloads = self.served_checksums(&job)?;
             }
             job.spec.hold_done = true;
         } else if let Verify::Caller(p) = &job.verify {
@@ -964,21 +919,19 @@ impl Worker {
         for &(src, s, d) in &job.spec.recvs {
             received_from.entry(src).or_default().push((s, d));
         }
-        if let Err(e) = self.session.begin(now, job.spec.clone()) {
-            let _ = reply.send(Reply::Refused(e.to_string()));
-            return;
-        }
+        let now = self.now();
+        self.session
+            .begin(now, job.spec.clone())
+            .map_err(|e| e.to_string())?;
         self.job = Some(JobState {
             seq: self.session.seq(),
             job,
-            reply,
             started: Instant::now(),
             received_from,
         });
+        Ok(())
     }
 
-    /// Feeds the session with messages, completions and time; carries out
-    /// its outputs and events. Returns whether anything happened.
     fn pump(&mut self) -> bool {
         let mut progressed = false;
         let mut scratch = std::mem::take(&mut self.scratch);
@@ -1129,7 +1082,7 @@ impl Worker {
                         Err(src) => self.session.abort(now, AbortCode::Checksum, src),
                     }
                 } else {
-                    let _ = j.reply.send(Reply::Landed { payloads });
+                    self.replies.push_back(Reply::Landed { payloads });
                 }
             }
             Event::Finished { seq, label, result } => {
@@ -1158,7 +1111,7 @@ impl Worker {
                 };
                 // Counters are current when the caller sees the reply.
                 self.publish_final();
-                let _ = j.reply.send(Reply::Finished {
+                self.replies.push_back(Reply::Finished {
                     label,
                     result,
                     stats,
@@ -1275,10 +1228,6 @@ impl Worker {
     }
 
     fn publish(&mut self) {
-        let g = self.shared.gen.fetch_add(1, Ordering::Relaxed);
-        if g % 64 != 0 && self.job.is_some() {
-            return; // cheap while busy; always fresh when idle
-        }
         let a = self.agent.counters();
         let c = Counters {
             exchanges: self.session.seq(),
@@ -1298,26 +1247,21 @@ impl Worker {
             .unwrap_or_else(|p| p.into_inner()) = c;
     }
 
+    /// Releases every request and the agent (in UCX's order, see `Agent`'s
+    /// Drop) while the core is still held.
     fn teardown(&mut self) {
         for (_, req) in self.inflight.drain() {
             self.agent.release(req);
         }
-        if let Some(j) = self.job.take() {
-            let _ = j
-                .reply
-                .send(Reply::Refused("the communicator was closed".into()));
-        }
+        self.job = None;
+        self.replies.push_back(Reply::Closed);
         self.publish_final();
-        // The agent itself is released by Drop (see Agent's teardown order)
-        // when the worker returns.
+        self.torn_down = true;
     }
 
     fn publish_final(&mut self) {
-        self.shared.gen.store(0, Ordering::Relaxed);
-        let job = self.job.take();
         // Completed requests of the finished exchange are released by now.
         self.publish();
-        self.job = job;
     }
 }
 

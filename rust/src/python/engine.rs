@@ -16,13 +16,13 @@ use pyo3::types::{PyBytes, PyDict, PyList};
 
 use super::nixl_err;
 use super::plan::{plan_err, read_i64s, PyTransferPlan};
-use super::tensors::{geometry, Device, Geometry};
+use super::tensors::{data_ptr, geometry, size, Device, Geometry};
 use crate::descriptors::Mode;
 use crate::layout::{PackedLayer, RankLayout, TensorRows};
 use crate::nixl::agent::MemKind;
 use crate::nixl::topology::{DirectionChoice, Schedule};
 use crate::nixl::transport::{
-    Connected, Endpoint, HostOps, Job, Pending, Reply, Transport, TransportConfig, Verify,
+    Connected, Endpoint, HostOps, Job, Reply, Transport, TransportConfig, Verify,
 };
 use crate::nixl::{load_api, NixlError};
 use crate::plan::layer_fingerprint;
@@ -156,7 +156,9 @@ impl PyNixlEngine {
     }
 
     /// Checks that every held tensor of `layer` (all layers if `None`) and
-    /// the buffer still have the memory they had when registered.
+    /// the buffer still have the memory they had when registered: the data
+    /// pointer (one call per tensor on the hot path), and the shape once per
+    /// rebalance. A tensor given other storage or resized fails here.
     fn check_unchanged(&self, py: Python<'_>, layer: Option<usize>) -> PyResult<()> {
         let t = self.layout.n_tensors();
         let mut idx: Vec<usize> = (self.buffer_at..self.buffer_at + t).collect();
@@ -168,13 +170,16 @@ impl PyNixlEngine {
             }
             None => idx.extend(0..self.held.len()),
         }
+        let changed = |name: &str| {
+            PyValueError::new_err(format!(
+                "{name}: was reallocated or resized since this communicator registered it; create a new communicator"
+            ))
+        };
         for i in idx {
             let (obj, g, name) = &self.held[i];
-            let now = geometry(obj.bind(py), name)?;
-            if now.ptr != g.ptr || now.shape != g.shape || now.strides != g.strides {
-                return Err(PyValueError::new_err(format!(
-                    "{name}: was reallocated or resized since this communicator registered it; create a new communicator"
-                )));
+            let t = obj.bind(py);
+            if data_ptr(t)? != g.ptr || (layer.is_none() && size(t)? != g.shape) {
+                return Err(changed(name));
             }
         }
         Ok(())
@@ -193,9 +198,9 @@ impl PyNixlEngine {
         Ok(BusyGuard(&self.busy))
     }
 
-    /// Runs a job and waits for its reply (or the next one after `done`).
-    fn run<'py>(&self, py: Python<'py>, t: &Transport, p: Pending) -> PyResult<Bound<'py, PyDict>> {
-        let (reply, interrupted) = wait(py, t, self.rank, p)?;
+    /// Drives the open exchange to its next reply (see [`wait`]).
+    fn run<'py>(&self, py: Python<'py>, t: &Transport) -> PyResult<Bound<'py, PyDict>> {
+        let (reply, interrupted) = wait(py, t, self.rank)?;
         self.reply_dict(py, reply, interrupted.is_some())
     }
 
@@ -267,18 +272,14 @@ impl Drop for BusyGuard<'_> {
     }
 }
 
-/// Waits for the worker's reply with the GIL released, looking for signals
-/// every 50 ms. A signal (Ctrl-C) aborts the exchange (peers are told) and
-/// the wait goes on to the agreed outcome; the caller then raises.
-fn wait(py: Python<'_>, t: &Transport, rank: u32, p: Pending) -> PyResult<(Reply, Option<PyErr>)> {
+/// Drives the open exchange on this thread, with the GIL released, in
+/// slices of 50 ms, looking for signals between slices. A signal (Ctrl-C)
+/// aborts the exchange (peers are told) and driving goes on to the agreed
+/// outcome; the caller then raises.
+fn wait(py: Python<'_>, t: &Transport, rank: u32) -> PyResult<(Reply, Option<PyErr>)> {
     let mut interrupted: Option<PyErr> = None;
-    let mut p = p;
     loop {
-        let (back, r) = py.allow_threads(move || {
-            let r = p.wait(Duration::from_millis(50));
-            (p, r)
-        });
-        p = back;
+        let r = py.allow_threads(|| t.drive(Duration::from_millis(50)));
         match r {
             Ok(Some(Reply::Landed { .. })) if interrupted.is_some() => continue,
             Ok(Some(reply)) => return Ok((reply, interrupted)),
@@ -622,25 +623,26 @@ impl PyNixlEngine {
             )));
         }
         let t = self.layout.n_tensors();
-        let same = |got: &[Bound<'_, PyAny>], at: usize| {
-            got.len() == t
-                && got
-                    .iter()
-                    .zip(&self.held[at..at + t])
-                    .all(|(a, (b, _, _))| a.is(b.bind(py)))
-        };
-        for (l, layer) in weights.iter().enumerate() {
-            if !same(layer, self.weights_at[l]) {
+        let check = |got: &[Bound<'_, PyAny>], at: usize, name: &str| -> PyResult<()> {
+            if got.len() != t {
                 return Err(PyValueError::new_err(format!(
-                    "expert_weights[{l}]: not the tensors this communicator registered; create a new one"
+                    "{name}: {} tensors, but this communicator registered {t}",
+                    got.len()
                 )));
             }
+            for (k, (a, (b, _, _))) in got.iter().zip(&self.held[at..at + t]).enumerate() {
+                if !a.is(b.bind(py)) {
+                    return Err(PyValueError::new_err(format!(
+                        "{name}[{k}]: not the tensor this communicator registered; create a new one"
+                    )));
+                }
+            }
+            Ok(())
+        };
+        for (l, layer) in weights.iter().enumerate() {
+            check(layer, self.weights_at[l], &format!("expert_weights[{l}]"))?;
         }
-        if !same(&buffer, self.buffer_at) {
-            return Err(PyValueError::new_err(
-                "expert_buffer: not the tensors this communicator registered; create a new one",
-            ));
-        }
+        check(&buffer, self.buffer_at, "expert_buffer")?;
         self.check_unchanged(py, None)
     }
 
@@ -855,8 +857,8 @@ impl PyNixlEngine {
             host: host_ops,
             verify,
         };
-        let pending = t.submit(job).map_err(nixl_err)?;
-        self.run(py, &t, pending)
+        py.allow_threads(|| t.submit(job)).map_err(nixl_err)?;
+        self.run(py, &t)
     }
 
     /// Runs a layer mapped by `map_experts` (vLLM's call style).
@@ -887,8 +889,8 @@ impl PyNixlEngine {
             host: None,
             verify,
         };
-        let pending = t.submit(job).map_err(nixl_err)?;
-        self.run(py, &t, pending)
+        py.allow_threads(|| t.submit(job)).map_err(nixl_err)?;
+        self.run(py, &t)
     }
 
     /// An exchange without transfers: the opening handshake of a rebalance
@@ -916,16 +918,16 @@ impl PyNixlEngine {
             host: None,
             verify: Verify::Off,
         };
-        let pending = t.submit(job).map_err(nixl_err)?;
-        self.run(py, &t, pending)
+        py.allow_threads(|| t.submit(job)).map_err(nixl_err)?;
+        self.run(py, &t)
     }
 
     /// After a "landed" result: the data verified; say DONE and wait.
     fn done<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let t = self.running()?;
         let _busy = self.enter()?;
-        let pending = t.done().map_err(nixl_err)?;
-        self.run(py, &t, pending)
+        py.allow_threads(|| t.done()).map_err(nixl_err)?;
+        self.run(py, &t)
     }
 
     /// After a "landed" result: data from `culprit` failed verification.
@@ -939,8 +941,8 @@ impl PyNixlEngine {
                 self.world
             )));
         }
-        let pending = t.verdict(AbortCode::Checksum, culprit).map_err(nixl_err)?;
-        self.run(py, &t, pending)
+        t.abort(AbortCode::Checksum, culprit).map_err(nixl_err)?;
+        self.run(py, &t)
     }
 
     /// This rank failed after validation (`why`: "error" or "interrupted"):

@@ -9,15 +9,51 @@ use pyo3::types::PyType;
 
 use crate::layout::TensorRows;
 
-static TENSOR_TYPE: GILOnceCell<Py<PyType>> = GILOnceCell::new();
+/// `torch.Tensor` and its own methods and property getters, looked up once.
+struct Torch {
+    ty: Py<PyType>,
+    data_ptr: Py<PyAny>,
+    size: Py<PyAny>,
+    stride: Py<PyAny>,
+    element_size: Py<PyAny>,
+    get_device: Py<PyAny>,
+    is_meta: Py<PyAny>,
+    is_cuda: Py<PyAny>,
+    is_cpu: Py<PyAny>,
+    requires_grad: Py<PyAny>,
+    device: Py<PyAny>,
+}
 
-fn tensor_type(py: Python<'_>) -> PyResult<&Bound<'_, PyType>> {
-    TENSOR_TYPE
-        .get_or_try_init(py, || {
-            let t = py.import("torch")?.getattr("Tensor")?;
-            Ok::<_, PyErr>(t.downcast_into::<PyType>()?.unbind())
+static TORCH: GILOnceCell<Torch> = GILOnceCell::new();
+
+fn torch(py: Python<'_>) -> PyResult<&Torch> {
+    TORCH.get_or_try_init(py, || {
+        let ty = py
+            .import("torch")?
+            .getattr("Tensor")?
+            .downcast_into::<PyType>()?;
+        let m = |n: &str| ty.getattr(n).map(Bound::unbind);
+        // property getters: the descriptor's __get__, called with (tensor, type)
+        let g = |n: &str| ty.getattr(n)?.getattr("__get__").map(Bound::unbind);
+        Ok::<_, PyErr>(Torch {
+            data_ptr: m("data_ptr")?,
+            size: m("size")?,
+            stride: m("stride")?,
+            element_size: m("element_size")?,
+            get_device: m("get_device")?,
+            is_meta: g("is_meta")?,
+            is_cuda: g("is_cuda")?,
+            is_cpu: g("is_cpu")?,
+            requires_grad: g("requires_grad")?,
+            device: g("device")?,
+            ty: ty.unbind(),
         })
-        .map(|t| t.bind(py))
+    })
+}
+
+/// `t.size()` through `torch.Tensor`'s own method.
+pub fn size(t: &Bound<'_, PyAny>) -> PyResult<Vec<i64>> {
+    torch(t.py())?.size.bind(t.py()).call1((t,))?.extract()
 }
 
 /// Where a tensor lives.
@@ -124,45 +160,51 @@ impl Geometry {
     }
 }
 
+/// `t.data_ptr()` through `torch.Tensor`'s own method (0 for an empty tensor).
+pub fn data_ptr(t: &Bound<'_, PyAny>) -> PyResult<u64> {
+    torch(t.py())?.data_ptr.bind(t.py()).call1((t,))?.extract()
+}
+
 /// Reads `t`'s geometry; `TypeError` naming `name` if it is not a tensor,
 /// `ValueError` for meta tensors or tensors without storage.
 pub fn geometry(t: &Bound<'_, PyAny>, name: &str) -> PyResult<Geometry> {
     let py = t.py();
-    let ty = tensor_type(py)?;
+    let api = torch(py)?;
+    let ty = api.ty.bind(py);
     if !t.is_instance(ty)? {
         return Err(PyTypeError::new_err(format!(
             "{name}: expected a torch.Tensor, got {}",
             t.get_type().name()?
         )));
     }
-    let call = |m: &str| ty.getattr(m)?.call1((t,));
-    let prop =
-        |p: &str| -> PyResult<Bound<'_, PyAny>> { ty.getattr(p)?.call_method1("__get__", (t, ty)) };
-    if prop("is_meta")?.extract::<bool>()? {
+    let call = |m: &Py<PyAny>| m.bind(py).call1((t,));
+    let prop = |g: &Py<PyAny>| g.bind(py).call1((t, ty));
+    if prop(&api.is_meta)?.extract::<bool>()? {
         return Err(PyValueError::new_err(format!(
             "{name}: a meta tensor has no memory to move"
         )));
     }
-    let dev = prop("device")?;
-    let kind: String = dev.getattr("type")?.extract()?;
-    let device = match kind.as_str() {
-        "cpu" => Device::Cpu,
-        "cuda" => {
-            let idx: Option<i64> = dev.getattr("index")?.extract()?;
-            Device::Cuda(idx.unwrap_or(0).max(0) as u64)
-        }
-        other => Device::Other(other.to_string()),
+    let device = if prop(&api.is_cuda)?.extract::<bool>()? {
+        let idx: i64 = call(&api.get_device)?.extract()?;
+        Device::Cuda(idx.max(0) as u64)
+    } else if prop(&api.is_cpu)?.extract::<bool>()? {
+        Device::Cpu
+    } else {
+        Device::Other(prop(&api.device)?.getattr("type")?.extract()?)
     };
-    let shape: Vec<i64> = call("size")?.extract()?;
-    let strides: Vec<i64> = call("stride")?.extract()?;
-    let elem: u64 = call("element_size")?.extract()?;
-    let numel: i64 = call("numel")?.extract()?;
+    let shape: Vec<i64> = call(&api.size)?.extract()?;
+    let strides: Vec<i64> = call(&api.stride)?.extract()?;
+    let elem: u64 = call(&api.element_size)?.extract()?;
+    let numel = shape
+        .iter()
+        .try_fold(1i64, |a, &d| a.checked_mul(d.max(0)))
+        .unwrap_or(i64::MAX);
     let ptr: u64 = if numel == 0 {
         0
     } else {
-        call("data_ptr")?.extract()?
+        call(&api.data_ptr)?.extract()?
     };
-    let requires_grad: bool = prop("requires_grad")?.extract()?;
+    let requires_grad: bool = prop(&api.requires_grad)?.extract()?;
     Ok(Geometry {
         ptr,
         shape,
