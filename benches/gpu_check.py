@@ -265,7 +265,6 @@ def part_async(rank, world, args, device) -> dict[str, Any]:
     else:
         out["bad_rows"] = bad_rows(weights, new, rank, n_local)
     comm.close()
-    del weights, buffer, a, b
     return out
 
 
@@ -397,9 +396,10 @@ def main() -> int:
                 print(f"  {mode:<18} error: {m['error']}")
             for i, run in enumerate(m.get("runs", [])):
                 tag = "cold" if i == 0 else "warm"
+                gb, secs = run["bytes_received"] / 1e9, run["seconds"]
                 print(
-                    f"  {mode:<18} {tag} {run['bytes_received'] / 1e9:8.3f} GB {run['seconds']:8.4f} s "
-                    f"{run['gbps']:9.1f} GB/s  staging {m.get('staging_bytes', 0):,} B  bad {run['bad_rows']}"
+                    f"  {mode:<18} {tag} {gb:8.3f} GB {secs:8.4f} s {run['gbps']:9.1f} GB/s"
+                    f"  staging {m.get('staging_bytes', 0):,} B  bad {run['bad_rows']}"
                     f"  layers ms {run.get('layer_ms')}"
                 )
                 ok &= run["bad_rows"] == 0
@@ -413,10 +413,12 @@ def main() -> int:
         if s:
             runs = s.get("runs", [])
             for i, run in enumerate(runs):
+                tag = "cold" if i == 0 else "warm"
+                gb, secs = run["bytes_received"] / 1e9, run["seconds"]
                 print(
-                    f"  scale {s['layers']}x{s['slots_per_rank']} ({s['weight_bytes_per_rank'] / 1e9:.1f} GB/rank) "
-                    f"{'cold' if i == 0 else 'warm'}: {run['bytes_received'] / 1e9:.2f} GB in {run['seconds']:.3f} s = "
-                    f"{run['gbps']:.1f} GB/s, bad {run['bad_rows']}"
+                    f"  scale {s['layers']}x{s['slots_per_rank']} "
+                    f"({s['weight_bytes_per_rank'] / 1e9:.1f} GB/rank) {tag}: {gb:.2f} GB in "
+                    f"{secs:.3f} s = {run['gbps']:.1f} GB/s, bad {run['bad_rows']}"
                 )
                 ok &= run["bad_rows"] == 0
             if "error" in s:
@@ -424,7 +426,8 @@ def main() -> int:
                 ok = False
             else:
                 print(
-                    f"  scale: device copy {s['device_copy_gbps']:.1f} GB/s; set-up {s['setup_s']:.2f} s; "
+                    f"  scale: device copy {s['device_copy_gbps']:.1f} GB/s; "
+                    f"set-up {s['setup_s']:.2f} s; "
                     f"extra device memory: torch {s['extra_device_bytes_torch']:,} B, "
                     f"driver-visible {s['extra_device_bytes_seen_by_driver']:,} B"
                 )
