@@ -775,6 +775,7 @@ impl Transport {
             let _ = t.join();
         }
         let mut core = self.core.lock().unwrap_or_else(|p| p.into_inner());
+        core.take_abort(&self.shared); // an abort asked for just before closing goes out
         let now = core.now();
         if core.job.is_some() {
             let me = core.session.config().rank;
