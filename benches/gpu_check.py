@@ -131,6 +131,29 @@ def device_copy_gbps(nbytes: int, device: torch.device) -> float:
     return done / secs / 1e9
 
 
+def timed_rebalances(comm, chain, weights, buffer, rank, n_local, device, runs) -> None:
+    """One verified rebalance per step of ``chain`` (the first cold, then warm),
+    each appended to ``runs`` (so a failure keeps what ran before it)."""
+    import eplb_xfer
+
+    for cur, nxt in zip(chain, chain[1:]):
+        torch.distributed.barrier()
+        sync(device)
+        t0 = time.perf_counter()
+        stats = eplb_xfer.rearrange_expert_weights_inplace(cur, nxt, weights, buffer, None, comm)
+        sync(device)
+        secs = time.perf_counter() - t0
+        runs.append(
+            {
+                "seconds": secs,
+                "bytes_received": stats.bytes_received,
+                "gbps": stats.bytes_received / secs / 1e9,
+                "layer_ms": [round(x * 1e3, 3) for x in stats.layer_seconds],
+                "bad_rows": bad_rows(weights, nxt, rank, n_local),
+            }
+        )
+
+
 def part_modes(rank, world, args, device) -> dict[str, Any]:
     import eplb_xfer
 
@@ -151,26 +174,9 @@ def part_modes(rank, world, args, device) -> dict[str, Any]:
             comm = eplb_xfer.create_communicator(
                 "nixl", None, weights, buffer, mode=base, timeout_s=120.0, verify=extra == "verify"
             )
-        runs = []
+        runs: list[dict[str, Any]] = []
         try:
-            for cur, nxt in zip(chain, chain[1:]):
-                torch.distributed.barrier()
-                sync(device)
-                t0 = time.perf_counter()
-                stats = eplb_xfer.rearrange_expert_weights_inplace(
-                    cur, nxt, weights, buffer, None, comm
-                )
-                sync(device)
-                secs = time.perf_counter() - t0
-                runs.append(
-                    {
-                        "seconds": secs,
-                        "bytes_received": stats.bytes_received,
-                        "gbps": stats.bytes_received / secs / 1e9,
-                        "layer_ms": [round(x * 1e3, 3) for x in stats.layer_seconds],
-                        "bad_rows": bad_rows(weights, nxt, rank, n_local),
-                    }
-                )
+            timed_rebalances(comm, chain, weights, buffer, rank, n_local, device, runs)
             out[mode] = {"runs": runs, "staging_bytes": comm.staging_bytes}
         except Exception as e:  # noqa: BLE001 - reported, the other parts still run
             out[mode] = {"error": f"{type(e).__name__}: {e}", "runs": runs}
@@ -184,7 +190,7 @@ def part_modes(rank, world, args, device) -> dict[str, Any]:
 
 def part_async(rank, world, args, device) -> dict[str, Any]:
     """vLLM's async sequence on a side stream while matmuls run on the default one."""
-    from harness import vllm_commit, vllm_layer_moves
+    from harness import vllm_commit, vllm_move_layer
 
     import eplb_xfer
 
@@ -224,20 +230,10 @@ def part_async(rank, world, args, device) -> dict[str, Any]:
             comm.set_stream(side)
             t0 = time.perf_counter()
             for layer in range(layers):
-                moves = vllm_layer_moves(old[layer], new[layer], rank, world)
-                local, sends, recvs, _d = moves
-                with torch.cuda.stream(side) if side is not None else _null():
-                    for s, d in local:
-                        for bb, t in zip(buffer, weights[layer]):
-                            bb[d].copy_(t[s])
-                comm.set_transfer_context(old[layer], layer)
-                mine = old[layer, rank * n_local : (rank + 1) * n_local]
-                for dst, e in sends:
-                    row = int(np.flatnonzero(mine == e)[0])
-                    comm.add_send([t[row] for t in weights[layer]], dst, expert_id=e)
-                for src, e, d in recvs:
-                    comm.add_recv([bb[d] for bb in buffer], src, expert_id=e)
-                comm.execute()
+                moves = vllm_move_layer(
+                    comm, weights[layer], buffer, old[layer], new[layer], layer, rank, world,
+                    stream=side,
+                )  # fmt: skip
                 with torch.cuda.stream(side) if side is not None else _null():
                     vllm_commit(weights[layer], buffer, moves, new[layer], rank, world)
                 if side is not None:
@@ -293,25 +289,9 @@ def part_scale(rank, world, args, device) -> dict[str, Any]:
     sync(device)
     free_after = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 0
     alloc_after = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
-    runs = []
+    runs: list[dict[str, Any]] = []
     try:
-        for cur, nxt in zip(chain, chain[1:]):  # cold, then warm
-            torch.distributed.barrier()
-            sync(device)
-            t0 = time.perf_counter()
-            stats = eplb_xfer.rearrange_expert_weights_inplace(
-                cur, nxt, weights, buffer, None, comm
-            )
-            sync(device)
-            secs = time.perf_counter() - t0
-            runs.append(
-                {
-                    "seconds": secs,
-                    "bytes_received": stats.bytes_received,
-                    "gbps": stats.bytes_received / secs / 1e9,
-                    "bad_rows": bad_rows(weights, nxt, rank, n_local),
-                }
-            )
+        timed_rebalances(comm, chain, weights, buffer, rank, n_local, device, runs)  # cold, warm
     finally:
         comm.close()
     weight_bytes = layers * n_local * expert_bytes

@@ -7,6 +7,7 @@ product's demo helpers, so a bug there cannot hide a bug in a transfer.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -252,6 +253,49 @@ def vllm_commit(
         p = primary[int(new_local[d])]
         for w in weights:
             w[d].copy_(w[p])
+
+
+def vllm_move_layer(
+    comm: object,
+    weights: Sequence[torch.Tensor],
+    buffer: Sequence[torch.Tensor],
+    old_row: np.ndarray,
+    new_row: np.ndarray,
+    layer: int,
+    rank: int,
+    world: int,
+    *,
+    received: dict[int, list[torch.Tensor]] | None = None,
+    context: bool = True,
+    stream: object = None,
+) -> tuple[list[tuple[int, int]], list[tuple[int, int]], list[tuple[int, int, int]], list[int]]:
+    """One layer of vLLM's ``move_to_buffer`` through a communicator: local
+    copies into the buffer (on ``stream``), ``set_transfer_context`` (unless
+    ``context`` is False: the older ``execute(old_indices=...)`` style),
+    ``add_send`` / ``add_recv`` (into ``received[dst_row]`` when given),
+    ``execute``. Returns the moves for :func:`vllm_commit`."""
+    moves = vllm_layer_moves(old_row, new_row, rank, world)
+    local, sends, recvs, _dups = moves
+    ctx = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
+    with ctx:
+        for s, d in local:
+            for b, t in zip(buffer, weights):
+                b[d].copy_(t[s])
+    if context:
+        comm.set_transfer_context(old_row, layer)  # type: ignore[attr-defined]
+    n = old_row.shape[0] // world
+    mine = old_row[rank * n : (rank + 1) * n]
+    for dst, e in sends:
+        row = int(np.flatnonzero(mine == e)[0])
+        comm.add_send([t[row] for t in weights], dst, expert_id=e)  # type: ignore[attr-defined]
+    for src, e, d in recvs:
+        targets = received[d] if received is not None else [b[d] for b in buffer]
+        comm.add_recv(targets, src, expert_id=e)  # type: ignore[attr-defined]
+    if context:
+        comm.execute()  # type: ignore[attr-defined]
+    else:
+        comm.execute(old_indices=old_row)  # type: ignore[attr-defined]
+    return moves
 
 
 # -- fault injection ------------------------------------------------------------

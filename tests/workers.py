@@ -25,6 +25,7 @@ from harness import (
     use_shim,
     vllm_commit,
     vllm_layer_moves,
+    vllm_move_layer,
 )
 
 import eplb_xfer
@@ -149,31 +150,18 @@ def vllm_style(rank: int, world: int, backend: str, seeds: list[int], style: str
 
 
 def _vllm_layer(comm, weights, buffer, cur, nxt, layer, rank, world, style):
-    moves = vllm_layer_moves(cur[layer], nxt[layer], rank, world)
-    local, sends, recvs, _dups = moves
-    w = weights[layer]
-    for s, d in local:
-        for b, t in zip(buffer, w):
-            b[d].copy_(t[s])
     received: dict[int, list[torch.Tensor]] | None = None
     if style == "old_indices":
         # a freshly allocated receive tensor per expert (older vLLM allocated
         # a new buffer every rebalance)
+        _l, _s, recvs, _d = vllm_layer_moves(cur[layer], nxt[layer], rank, world)
         received = {d: [torch.empty_like(b[d]) for b in buffer] for _src, _e, d in recvs}
-    if style != "old_indices" or getattr(comm, "mode", "staged") == "zero_copy":
-        comm.set_transfer_context(cur[layer], layer)
-    n = cur.shape[1] // world
-    mine = cur[layer, rank * n : (rank + 1) * n]
-    for dst, e in sends:
-        row = int(np.flatnonzero(mine == e)[0])
-        comm.add_send([t[row] for t in w], dst, expert_id=e)
-    for src, e, d in recvs:
-        targets = received[d] if received is not None else [b[d] for b in buffer]
-        comm.add_recv(targets, src, expert_id=e)
-    if style == "old_indices":
-        comm.execute(old_indices=cur[layer])
-    else:
-        comm.execute()
+    # the older style passes old_indices to execute; zero-copy still needs the layer
+    context = style != "old_indices" or getattr(comm, "mode", "staged") == "zero_copy"
+    moves = vllm_move_layer(
+        comm, weights[layer], buffer, cur[layer], nxt[layer], layer, rank, world,
+        received=received, context=context,
+    )  # fmt: skip
     return moves, received
 
 
@@ -608,23 +596,10 @@ def error_after_validation(rank: int, world: int):
         nixl_mod.expert_checksums = boom  # type: ignore[assignment]
 
     def run() -> None:
-        from harness import vllm_commit
-
         for layer in range(old.shape[0]):
-            moves = vllm_layer_moves(old[layer], new[layer], rank, world)
-            local, sends, recvs, _d = moves
-            for s, d in local:
-                for b, t in zip(buffer, weights[layer]):
-                    b[d].copy_(t[s])
-            comm.set_transfer_context(old[layer], layer)
-            n = old.shape[1] // world
-            mine = old[layer, rank * n : (rank + 1) * n]
-            for dst, e in sends:
-                row = int(np.flatnonzero(mine == e)[0])
-                comm.add_send([t[row] for t in weights[layer]], dst, expert_id=e)
-            for src, e, d in recvs:
-                comm.add_recv([b[d] for b in buffer], src, expert_id=e)
-            comm.execute()
+            moves = vllm_move_layer(
+                comm, weights[layer], buffer, old[layer], new[layer], layer, rank, world
+            )
             vllm_commit(weights[layer], buffer, moves, new[layer], rank, world)
 
     out = _outcome(run)

@@ -26,29 +26,9 @@ use eplb_xfer::protocol::{
 
 const MS: Time = 1_000_000;
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        if n == 0 {
-            0
-        } else {
-            self.next() % n
-        }
-    }
-    fn range(&mut self, lo: u64, hi: u64) -> u64 {
-        lo + self.below(hi - lo + 1)
-    }
-    fn chance(&mut self, percent: u64) -> bool {
-        self.below(100) < percent
-    }
-}
+#[path = "support/rng.rs"]
+mod rng;
+use rng::Rng;
 
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 enum Ev {
@@ -113,6 +93,19 @@ struct Scenario {
     checksum_bad: Option<(u32, u32)>, // (reader rank, layer): verdict on its first source
     interrupt: Option<(u32, Time)>,
     verify: bool,
+}
+
+impl Scenario {
+    /// The same run without any fault.
+    fn without_faults(&mut self) {
+        self.deaths.clear();
+        self.kill_at.clear();
+        self.late.clear();
+        self.disagree = None;
+        self.drop_send = None;
+        self.checksum_bad = None;
+        self.interrupt = None;
+    }
 }
 
 fn scenario(seed: u64) -> Scenario {
@@ -858,13 +851,7 @@ fn thousands_of_schedules_keep_every_promise() {
 fn a_clean_run_commits_everything_and_sends_little() {
     for seed in 0..200u64 {
         let mut sc = scenario(seed);
-        sc.deaths.clear();
-        sc.kill_at.clear();
-        sc.late.clear();
-        sc.disagree = None;
-        sc.drop_send = None;
-        sc.checksum_bad = None;
-        sc.interrupt = None;
+        sc.without_faults();
         let mut sim = Sim::new(sc.clone());
         sim.run();
         sim.check_outcome();
@@ -884,13 +871,7 @@ fn debug_one() {
     let seed: u64 = std::env::var("SEED").unwrap().parse().unwrap();
     let mut sc = scenario(seed);
     if std::env::var("CLEAN").is_ok() {
-        sc.deaths.clear();
-        sc.kill_at.clear();
-        sc.late.clear();
-        sc.disagree = None;
-        sc.drop_send = None;
-        sc.checksum_bad = None;
-        sc.interrupt = None;
+        sc.without_faults();
     }
     let mut sim = Sim::new(sc.clone());
     sim.trace = true;

@@ -9,19 +9,9 @@ mod wire_check;
 use eplb_xfer::protocol::wire::{Msg, Ready, Resolve};
 use eplb_xfer::protocol::{AbortCode, Knowledge, Report, Waiting};
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-}
+#[path = "support/rng.rs"]
+mod rng;
+use rng::Rng;
 
 fn valid(rng: &mut Rng, world: u32) -> Msg {
     let seq = rng.below(5);
