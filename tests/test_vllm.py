@@ -52,3 +52,46 @@ def test_verified_vllm_sequence(world):
 def test_elastic_ep_rank_mapping(world, backend, direction):
     for errors in world(workers.elastic, 3, backend, direction):
         assert errors == []
+
+
+def test_a_peer_dying_after_the_last_layer_surfaces_at_the_next_call(world):
+    results = world(
+        workers.vllm_peer_dies_after_last_layer,
+        3,
+        allow_failures=True,
+        destroy_group=False,
+        wait_for=[0, 1],
+        timeout_s=120.0,
+    )
+    for rank in (0, 1):
+        r = results[rank]
+        assert r["first"]["kind"] == "ok", r  # the last layer completed everywhere
+        assert r["first"]["errors"] == []
+        assert r["second"]["kind"] == "TransferError" and r["second"]["peer"] == 2, r
+        assert r["second"]["elapsed"] < 3.0 + 3 * 1.0 + 4.0, r
+
+
+def test_a_dropped_communicator_releases_its_agent_and_exit_is_prompt(world):
+    import time
+
+    pids: list[int] = []
+    t0 = time.monotonic()
+    results = world(workers.dropped_communicator, 2, pids=pids)
+    for r in results:
+        assert r["agents_after_drop"] == 0, r
+        assert r["dropped_s"] < 2.0, r
+    deadline = time.monotonic() + 10.0
+    while time.monotonic() < deadline and any(_alive(p) for p in pids):
+        time.sleep(0.1)
+    assert not any(_alive(p) for p in pids)  # exited with communicators still open
+    assert time.monotonic() - t0 < 60.0
+
+
+def _alive(pid: int) -> bool:
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True

@@ -694,3 +694,51 @@ def _set_up_and_run(old, new, weights, buffer, direction: str) -> None:
         eplb_xfer.rearrange_expert_weights_inplace(old, new, weights, buffer, None, comm)
     finally:
         comm.close()
+
+
+def vllm_peer_dies_after_last_layer(rank: int, world: int):
+    """vLLM's sequence (no closing handshake): the DONE of rank 2 for the last
+    layer reaches rank 0 only, then rank 2 exits. Every survivor's last
+    execute() returns (the layer completed everywhere) and the next call
+    raises TransferError naming rank 2 on every survivor."""
+    old, new, weights, buffer = _small(rank, world)
+    layers = old.shape[0]
+    use_shim(
+        f"exit_mid_done:{layers}" if rank == 2 else None
+    )  # vLLM style: exchange n = layer n - 1
+    comm = eplb_xfer.NixlCommunicator(None, weights, buffer, timeout_s=3.0)
+
+    def rebalance() -> None:
+        for layer in range(layers):
+            moves = vllm_move_layer(
+                comm, weights[layer], buffer, old[layer], new[layer], layer, rank, world
+            )
+            vllm_commit(weights[layer], buffer, moves, new[layer], rank, world)
+
+    def next_call() -> None:
+        comm.set_transfer_context(new[0], 0)
+        comm.execute()
+
+    first = _outcome(rebalance)
+    first["errors"] = check(MIXED, weights, old, new, rank, world)
+    second = _outcome(next_call)
+    comm.close()
+    return {"first": first, "second": second}
+
+
+def dropped_communicator(rank: int, world: int):
+    """vLLM never closes its communicator: dropping it releases the agent, and
+    a process that exits with one still open exits promptly."""
+    import gc
+
+    old, new, weights, buffer = _small(rank, world)
+    comm = eplb_xfer.NixlCommunicator(None, weights, buffer, timeout_s=10.0)
+    eplb_xfer.rearrange_expert_weights_inplace(old, new, weights, buffer, None, comm)
+    t0 = time.monotonic()
+    del comm
+    gc.collect()
+    dropped_s = time.monotonic() - t0
+    agents_after_drop = _core.live_agents()
+    # and one left open for the interpreter's exit (the atexit hook closes it)
+    globals()["_left_open"] = eplb_xfer.NixlCommunicator(None, weights, buffer, timeout_s=10.0)
+    return {"dropped_s": dropped_s, "agents_after_drop": agents_after_drop}

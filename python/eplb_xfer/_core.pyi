@@ -48,6 +48,10 @@ class TransferPlan:
         """Changed rows merged into ``(start, length)`` runs."""
     def layer_moves(self, layer: int) -> bool:
         """True if any rank changes any row of ``layer``."""
+    def moving_layers(self) -> list[bool]:
+        """``layer_moves`` of every layer."""
+    def local_rows(self, rank: int) -> list[int]:
+        """Per layer, rows ``rank`` fills by a local copy or a duplicate fill."""
     def cross_node_rows(self, node_of_rank: list[int]) -> int:
         """Expert rows received from another node, over all layers and ranks.
         Raises ``ValueError`` if ``node_of_rank`` has the wrong length."""

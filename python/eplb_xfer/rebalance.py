@@ -226,12 +226,14 @@ def _run(
     stats = RebalanceStats(backend=type(comm).__name__, staging_bytes=comm.staging_bytes)
     committed: list[int] = []
     begin = getattr(comm, "begin_rebalance", None)
+    moving = plan.moving_layers()  # per layer one call into the core: the layer itself
+    local_rows = plan.local_rows(rank)
     try:
         if begin is not None:
             begin(plan)
         for layer in range(num_layers):
             t_layer = time.perf_counter()
-            if not plan.layer_moves(layer):  # every rank agrees: nothing moves anywhere
+            if not moving[layer]:  # every rank agrees: nothing moves anywhere
                 committed.append(layer)
                 stats.layer_seconds.append(0.0)
                 if on_layer is not None:
@@ -245,8 +247,7 @@ def _run(
             n_recv = sum(outcome.rows_per_peer.values())
             stats.experts_received += n_recv
             stats.bytes_received += n_recv * row_bytes
-            n_local_moves = len(plan.local_copies(layer, rank)) + len(plan.dup_fills(layer, rank))
-            stats.bytes_copied_locally += n_local_moves * row_bytes
+            stats.bytes_copied_locally += local_rows[layer] * row_bytes
             for p, n in outcome.rows_per_peer.items():
                 stats.per_peer_bytes[p] = stats.per_peer_bytes.get(p, 0) + n * row_bytes
             if on_layer is not None:

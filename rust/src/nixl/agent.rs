@@ -37,17 +37,6 @@ pub struct PreparedList {
     len: usize,
 }
 
-impl PreparedList {
-    /// Number of descriptors in the list.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-    /// True when the list has no descriptors.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-}
-
 /// A posted (or postable) transfer request.
 #[derive(Debug)]
 pub struct XferReq {

@@ -104,15 +104,33 @@ impl PyTransferPlan {
         Ok(self.rl(layer, rank)?.changed_runs())
     }
     fn layer_moves(&self, layer: usize) -> PyResult<bool> {
-        let l = self.inner.layers.get(layer).ok_or_else(|| {
+        self.moving_layers().get(layer).copied().ok_or_else(|| {
             PyIndexError::new_err(format!(
                 "layer {layer} outside 0..{}",
                 self.inner.num_layers
             ))
-        })?;
-        Ok(l.ranks
+        })
+    }
+    /// `layer_moves` of every layer, in one call.
+    fn moving_layers(&self) -> Vec<bool> {
+        self.inner
+            .layers
             .iter()
-            .any(|r| !r.local_copies.is_empty() || !r.recvs.is_empty() || !r.dup_fills.is_empty()))
+            .map(|l| {
+                l.ranks.iter().any(|r| {
+                    !r.local_copies.is_empty() || !r.recvs.is_empty() || !r.dup_fills.is_empty()
+                })
+            })
+            .collect()
+    }
+    /// Per layer, the rows `rank` fills by a local copy or a duplicate fill.
+    fn local_rows(&self, rank: usize) -> PyResult<Vec<usize>> {
+        (0..self.inner.num_layers)
+            .map(|l| {
+                let r = self.rl(l, rank)?;
+                Ok(r.local_copies.len() + r.dup_fills.len())
+            })
+            .collect()
     }
     /// Bytes each rank receives from other nodes over all layers, given a
     /// node id per rank and the bytes of one expert.
