@@ -8,5 +8,6 @@ pub mod layout;
 pub mod nixl;
 pub mod plan;
 pub mod plan_check;
+pub mod policy;
 #[cfg(feature = "python")]
 mod python;
