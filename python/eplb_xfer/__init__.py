@@ -10,6 +10,7 @@ from ._core import NixlUnavailable, __version__
 from .communicator import EplbCommunicator, create_communicator
 from .errors import TransferError
 from .nixl import NixlCommunicator
+from .placement import log2phy_logcnt, rebalance_experts
 from .planning import TransferPlan, plan_rebalance
 from .rebalance import RebalanceStats, rearrange_expert_weights_inplace
 from .torch_dist import TorchCommunicator
@@ -24,6 +25,8 @@ __all__ = [
     "TransferPlan",
     "__version__",
     "create_communicator",
+    "log2phy_logcnt",
     "plan_rebalance",
     "rearrange_expert_weights_inplace",
+    "rebalance_experts",
 ]

@@ -1,5 +1,7 @@
 //! The only file that knows PyO3: converts types and errors at the edge.
 
+mod policy;
+
 use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -580,5 +582,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("NixlUnavailable", m.py().get_type::<NixlUnavailable>())?;
     m.add("PeerTransferError", m.py().get_type::<PeerTransferError>())?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    policy::register(m)?;
     Ok(())
 }
