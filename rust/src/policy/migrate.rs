@@ -393,12 +393,13 @@ struct Scratch {
     node_bound: Vec<(f64, usize)>,
     /// Per node: sorted positions of its heaviest and lightest rank.
     node_span: Vec<(usize, usize)>,
-    node_done: Vec<bool>,
     batch: Vec<Move>,
     one: Vec<(usize, f64)>,
     pairs: Vec<(usize, usize)>,
     cands: Vec<(Move, i64)>,
-    scored: Vec<((u8, f64), Move, usize)>,
+    scored: Vec<((u8, f64), Move)>,
+    /// Per node: its best scored move.
+    node_best: Vec<Option<((u8, f64), Move)>>,
     /// Distinct experts of the ranks seen in this step (`side_at`, `side_len`
     /// per rank, valid when `side_step[r] == step`).
     side: Vec<SideItem>,
@@ -911,32 +912,36 @@ impl Ctx<'_> {
         for &(m, dc) in &sc.cands {
             self.move_loads(st, m, &mut sorted.changes);
             if let Some(key) = self.key(ev.phi - sorted.eval(self.guard).phi, dc) {
-                sc.scored.push((key, m, sc.scored.len()));
+                sc.scored.push((key, m));
             }
         }
-        if sc.scored.is_empty() {
-            return false;
-        }
-        // Ties keep candidate order (the index makes the order total).
-        sc.scored.sort_unstable_by(|a, b| {
-            (a.0 .0.cmp(&b.0 .0))
-                .then(a.0 .1.total_cmp(&b.0 .1))
-                .then(a.2.cmp(&b.2))
-        });
         // The best move, plus the best of every other node that helps at
         // least half as much per expert: moves of different nodes change
-        // disjoint ranks, so their load changes simply add up.
+        // disjoint ranks, so their load changes simply add up. Ties keep
+        // candidate order.
+        let better = |a: (u8, f64), b: (u8, f64)| a.0 < b.0 || (a.0 == b.0 && a.1 < b.1);
         let g = self.g();
-        let (first_key, first, _) = sc.scored[0];
-        sc.node_done.clear();
-        sc.node_done.resize(self.topo.nodes, false);
-        sc.node_done[self.rank_of(first.slot()) / g] = true;
+        sc.node_best.clear();
+        sc.node_best.resize(self.topo.nodes, None);
+        for &(key, m) in &sc.scored {
+            let cell = &mut sc.node_best[self.rank_of(m.slot()) / g];
+            if cell.map_or(true, |(k, _)| better(key, k)) {
+                *cell = Some((key, m));
+            }
+        }
+        let Some((first_key, first)) =
+            sc.node_best
+                .iter()
+                .flatten()
+                .copied()
+                .reduce(|a, b| if better(b.0, a.0) { b } else { a })
+        else {
+            return false;
+        };
         sc.batch.clear();
         sc.batch.push(first);
-        for &(key, m, _) in &sc.scored[1..] {
-            let node = self.rank_of(m.slot()) / g;
-            if !sc.node_done[node] && key.0 == first_key.0 && key.1 <= 0.5 * first_key.1 {
-                sc.node_done[node] = true;
+        for &(key, m) in sc.node_best.iter().flatten() {
+            if m != first && key.0 == first_key.0 && key.1 <= 0.5 * first_key.1 {
                 sc.batch.push(m);
             }
         }
