@@ -274,3 +274,30 @@ def test_bad_types_raise_type_error_naming_the_argument(
 ) -> None:
     with pytest.raises(TypeError, match=f"^{name}"):
         call(**overrides)
+
+
+def test_demo_policy_plans_placements_and_reports_bytes_per_rebalance(capsys) -> None:
+    from eplb_xfer import cli
+    from eplb_xfer.demo import DemoConfig, policy_placements
+
+    argv = ["demo", "--ranks", "2", "--layers", "2", "--backend", "torch", "--no-progress"]
+    assert cli.main([*argv, "--policy", "ours", "--repeat", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "byte-exact" in out and "policy ours: rebalance 2:" in out
+    # Ours moves fewer experts than stock on the same drifting loads.
+    moved = {}
+    for policy in ("stock", "ours"):
+        p = policy_placements(DemoConfig(ranks=8, layers=4, repeat=3, policy=policy))
+        moved[policy] = sum(
+            ref.experts_received(a[layer], b[layer], 8)
+            for a, b in zip(p, p[1:])
+            for layer in range(4)
+        )
+    assert moved["ours"] < moved["stock"]
+
+
+def test_demo_policy_refuses_empty_slots(capsys) -> None:
+    from eplb_xfer import cli
+
+    assert cli.main(["demo", "--policy", "ours", "--empty-slots", "1"]) != 0
+    assert "--empty-slots" in capsys.readouterr().err
