@@ -23,8 +23,8 @@
 //!    a node is what lowers that prefix sum) and proposes exchanges of two
 //!    slots between its heaviest ranks inside and lightest ranks outside; each
 //!    is scored exactly by the drop in total prefix excess per expert
-//!    received. The best is applied, then the best of every other node while
-//!    it still helps about as much. When exchanges stop helping, wider pairs
+//!    received. The best move of every node is applied at once when the
+//!    moves together still help. When exchanges stop helping, wider pairs
 //!    and replica moves (a redundant slot given to another expert) are tried;
 //!    then one node is re-packed in part (its smallest replicas put back
 //!    heaviest first onto the lightest ranks, as stock does) or replaced by
@@ -559,15 +559,26 @@ impl Ctx<'_> {
             }
         }
         // Old replicas that may stay (on a rank of their expert's node),
-        // grouped by expert in slot order.
-        let mut keep: Vec<(usize, usize)> = self
-            .old
-            .iter()
-            .enumerate()
-            .filter(|&(p, &v)| v >= 0 && node_of_expert[v as usize] == t.node_of_rank(p / spr))
-            .map(|(p, &v)| (v as usize, p))
-            .collect();
-        keep.sort_unstable();
+        // grouped by expert in slot order (a counting sort).
+        let stays =
+            |p: usize, v: i64| v >= 0 && node_of_expert[v as usize] == t.node_of_rank(p / spr);
+        let mut at = vec![0usize; e_n + 1];
+        for (p, &v) in self.old.iter().enumerate() {
+            if stays(p, v) {
+                at[v as usize + 1] += 1;
+            }
+        }
+        for x in 0..e_n {
+            at[x + 1] += at[x];
+        }
+        let mut keep = vec![(0usize, 0usize); at[e_n]];
+        for (p, &v) in self.old.iter().enumerate() {
+            if stays(p, v) {
+                let x = v as usize;
+                keep[at[x]] = (x, p);
+                at[x] += 1;
+            }
+        }
         let mut prelim = vec![0.0f64; t.ranks];
         for &(x, p) in &keep {
             prelim[p / spr] += self.w[x] / cnt[x] as f64;
@@ -882,9 +893,10 @@ impl Ctx<'_> {
         }
     }
 
-    /// Scores the candidate moves of the pairs exactly, applies the best one,
-    /// then the best remaining one of every other node while it still helps
-    /// at least half as much per expert. False if no move helps.
+    /// Scores the candidate moves of the pairs exactly and applies the best
+    /// one of every node together when that helps (moves that receive nothing
+    /// and moves that do are not mixed), else the best one alone. False if no
+    /// move helps.
     fn step(
         &self,
         st: &mut State,
@@ -915,10 +927,10 @@ impl Ctx<'_> {
                 sc.scored.push((key, m));
             }
         }
-        // The best move, plus the best of every other node that helps at
-        // least half as much per expert: moves of different nodes change
-        // disjoint ranks, so their load changes simply add up. Ties keep
-        // candidate order.
+        // The best move, plus the best of every other node: moves of
+        // different nodes change disjoint ranks, so their load changes simply
+        // add up and one evaluation of the sum decides. Ties keep candidate
+        // order.
         let better = |a: (u8, f64), b: (u8, f64)| a.0 < b.0 || (a.0 == b.0 && a.1 < b.1);
         let g = self.g();
         sc.node_best.clear();
@@ -941,7 +953,7 @@ impl Ctx<'_> {
         sc.batch.clear();
         sc.batch.push(first);
         for &(key, m) in sc.node_best.iter().flatten() {
-            if m != first && key.0 == first_key.0 && key.1 <= 0.5 * first_key.1 {
+            if m != first && key.0 == first_key.0 {
                 sc.batch.push(m);
             }
         }
@@ -956,7 +968,7 @@ impl Ctx<'_> {
             }
             sorted.changes = all;
             let together = self.key(ev.phi - sorted.eval(self.guard).phi, dc);
-            if together.is_some_and(|k| k.0 == first_key.0 && k.1 <= 0.5 * first_key.1) {
+            if together.is_some_and(|k| k.0 == first_key.0) {
                 for i in 0..sc.batch.len() {
                     self.apply(st, sc.batch[i]);
                 }
