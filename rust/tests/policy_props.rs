@@ -628,3 +628,36 @@ fn log2phy_refuses_bad_entries() {
     assert_eq!(cnt, vec![2, 0, 1]);
     assert_eq!(l2p, vec![0, 2, -1, -1, 3, -1]);
 }
+
+#[test]
+fn huge_shapes_finish_without_panicking() {
+    // 100k ranks of 2 slots: heap packing, stock's names kept, no search.
+    let weight: Vec<f64> = (0..1000).map(|i| (i % 17) as f64).collect();
+    let old: Vec<i64> = (0..200_000).map(|i| (i % 1000) as i64).collect();
+    let req = Request {
+        weight: &weight,
+        num_layers: 1,
+        num_logical_experts: 1000,
+        num_replicas: 200_000,
+        num_groups: 1,
+        num_nodes: 1,
+        num_ranks: 100_000,
+        old: Some(&old),
+    };
+    let p = rebalance_experts(&req, &Options::default()).unwrap();
+    let cnt = metrics::replica_counts(&p, 1000);
+    assert!(cnt.iter().all(|&c| c >= 1));
+    // An output that cannot exist is refused, not allocated.
+    let req = Request {
+        weight: &[1.0, 2.0],
+        num_layers: 2,
+        num_logical_experts: 1,
+        num_replicas: usize::MAX / 4,
+        num_groups: 1,
+        num_nodes: 1,
+        num_ranks: 1,
+        old: None,
+    };
+    let err = rebalance_experts(&req, &Options::default()).unwrap_err();
+    assert_eq!(err.argument(), "num_replicas");
+}

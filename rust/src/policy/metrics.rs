@@ -60,20 +60,33 @@ pub fn prefix_excess(ours_sorted: &[f64], reference_sorted: &[f64], max_imbalanc
     worst
 }
 
+/// [`experts_received`] of a placement given as expert ids (`usize`).
+pub(crate) fn experts_received_of(old: &[i64], new: &[usize], topo: &Topology) -> usize {
+    let new: Vec<i64> = new.iter().map(|&e| e as i64).collect();
+    experts_received(old, &new, topo)
+}
+
 /// Experts rank `r` must receive to go from `old` to `new` (one layer): the
 /// distinct logical experts it holds in `new` but not in `old`, summed over
 /// ranks. Duplicates on a rank are filled locally and do not count.
 pub fn experts_received(old: &[i64], new: &[i64], topo: &Topology) -> usize {
     let spr = topo.slots_per_rank();
     let mut total = 0;
+    let (mut o, mut n) = (Vec::with_capacity(spr), Vec::with_capacity(spr));
     for r in 0..topo.ranks {
-        let o = &old[r * spr..(r + 1) * spr];
-        let n = &new[r * spr..(r + 1) * spr];
-        for (i, &e) in n.iter().enumerate() {
-            if e >= 0 && !o.contains(&e) && !n[..i].contains(&e) {
-                total += 1;
-            }
-        }
+        o.clear();
+        o.extend_from_slice(&old[r * spr..(r + 1) * spr]);
+        o.sort_unstable();
+        n.clear();
+        n.extend(
+            new[r * spr..(r + 1) * spr]
+                .iter()
+                .copied()
+                .filter(|&e| e >= 0),
+        );
+        n.sort_unstable();
+        n.dedup();
+        total += n.iter().filter(|e| o.binary_search(e).is_err()).count();
     }
     total
 }

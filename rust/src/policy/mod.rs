@@ -369,7 +369,20 @@ pub fn rebalance_experts(req: &Request<'_>, opts: &Options) -> Result<Vec<i64>, 
         req.num_ranks,
     )?;
     validate(req, &topo, opts)?;
-    let mut out = vec![0i64; req.num_layers * topo.slots];
+    let len = req
+        .num_layers
+        .checked_mul(topo.slots)
+        .filter(|&n| n <= isize::MAX as usize / 8)
+        .ok_or_else(|| {
+            PolicyError::bad(
+                "num_replicas",
+                format!(
+                    "{} slots x {} layers do not fit in memory",
+                    topo.slots, req.num_layers
+                ),
+            )
+        })?;
+    let mut out = vec![0i64; len];
     let threads = effective_threads(opts.threads, req.num_layers);
     let per = req.num_layers.div_ceil(threads.max(1)).max(1);
     let run_chunk = |first_layer: usize, chunk: &mut [i64]| {
@@ -521,7 +534,8 @@ pub fn log2phy_logcnt(
     let max_count = logcnt.iter().copied().max().unwrap_or(0).max(0) as usize;
     let map_len = cnt_len
         .checked_mul(max_count)
-        .ok_or_else(|| PolicyError::bad("phy2log", "log2phy size overflows".into()))?;
+        .filter(|&n| n <= isize::MAX as usize / 8)
+        .ok_or_else(|| PolicyError::bad("phy2log", "log2phy would not fit in memory".into()))?;
     let mut log2phy = vec![-1i64; map_len];
     let mut seen = vec![0usize; e];
     for l in 0..num_layers {

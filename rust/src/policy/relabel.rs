@@ -69,9 +69,12 @@ impl Presence {
     }
 }
 
-/// Ranks per node above which rank assignment is greedy instead of exact
-/// (the exact method is cubic).
+/// Ranks per node (or nodes) above which assignment is greedy instead of
+/// exact (the exact method is cubic).
 const EXACT_MAX: usize = 128;
+/// Ranks per node (or nodes) above which stock's names are kept (the greedy
+/// assignment is quadratic in memory).
+const RENAME_MAX: usize = 2048;
 
 /// Writes the relabeled `placement` into `out` and returns the experts it makes
 /// ranks receive from `old`.
@@ -89,6 +92,11 @@ pub(crate) fn relabel(
     let g = topo.ranks_per_node();
     let nodes = topo.nodes;
     let spr = topo.slots_per_rank();
+    if g > RENAME_MAX || nodes > RENAME_MAX {
+        // Far past real deployments: keep stock's names.
+        out.copy_from_slice(placement);
+        return super::metrics::experts_received_of(old, placement, topo);
+    }
     let old_has = Presence::of(topo, old);
     let new_has = Presence::of(topo, placement);
     let old_nodes = old_has.unions(g);
@@ -174,20 +182,30 @@ fn assign_any(assigner: &mut Assigner, cost: &[i64], n: usize) -> Vec<usize> {
 /// copies; loads and received experts do not change).
 pub(crate) fn keep_slots(topo: &Topology, placement: &mut [usize], old: &[i64]) {
     let spr = topo.slots_per_rank();
-    let mut rest: Vec<usize> = Vec::with_capacity(spr);
+    // Copies of each expert still to place on the current rank (reset per rank).
+    let mut left = vec![0u32; topo.experts];
     let mut fixed: Vec<Option<usize>> = vec![None; spr];
+    let mut rest: Vec<usize> = Vec::with_capacity(spr);
     for r in 0..topo.ranks {
         let row = &mut placement[r * spr..(r + 1) * spr];
         let old_row = &old[r * spr..(r + 1) * spr];
+        for &e in row.iter() {
+            left[e] += 1;
+        }
+        for (f, &o) in fixed.iter_mut().zip(old_row) {
+            *f = usize::try_from(o)
+                .ok()
+                .filter(|&e| e < topo.experts && left[e] > 0);
+            if let Some(e) = *f {
+                left[e] -= 1;
+            }
+        }
+        // The rest, in the rank's order.
         rest.clear();
-        rest.extend_from_slice(row);
-        for (s, f) in fixed.iter_mut().enumerate() {
-            *f = None;
-            let o = old_row[s];
-            if o >= 0 {
-                if let Some(k) = rest.iter().position(|&e| e as i64 == o) {
-                    *f = Some(rest.remove(k));
-                }
+        for &e in row.iter() {
+            if left[e] > 0 {
+                left[e] -= 1;
+                rest.push(e);
             }
         }
         let mut it = rest.iter();
