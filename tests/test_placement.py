@@ -185,6 +185,23 @@ def test_accepts_vllm_style_inputs() -> None:
     assert out.shape == (2, 24) and out.dtype == torch.int64
 
 
+def test_elastic_ep_maps_are_aligned_by_rank() -> None:
+    # vLLM scale-down: the old map is wider (8 ranks of 6 slots, 4 survive);
+    # before a scale-up it is narrower (2 ranks; the new ranks held nothing).
+    w = np.random.default_rng(4).lognormal(0.0, 1.0, (2, 8))
+    wide = placement.stock_rebalance_experts(w, 48, 4, 2, 8).numpy()
+    np.testing.assert_array_equal(
+        eplb_xfer.rebalance_experts(w, 24, 4, 2, 4, wide).numpy(),
+        eplb_xfer.rebalance_experts(w, 24, 4, 2, 4, wide[:, :24]).numpy(),
+    )
+    narrow = placement.stock_rebalance_experts(w, 12, 4, 2, 2).numpy()
+    padded = np.concatenate([narrow, np.full((2, 12), -1)], axis=1)
+    np.testing.assert_array_equal(
+        eplb_xfer.rebalance_experts(w, 24, 4, 2, 4, narrow).numpy(),
+        eplb_xfer.rebalance_experts(w, 24, 4, 2, 4, padded).numpy(),
+    )
+
+
 def test_log2phy_logcnt_conventions() -> None:
     phy2log = torch.tensor([[0, 2, 0, 1, 2, 0], [1, 1, 0, 2, -1, 2]])
     log2phy, logcnt = eplb_xfer.log2phy_logcnt(phy2log, 4)
@@ -233,6 +250,7 @@ def call(**overrides: object) -> torch.Tensor:
         (dict(num_groups=0), "num_groups"),
         (dict(num_groups=6, num_nodes=2), "num_groups"),
         (dict(old_global_expert_indices=np.zeros((2, 23), dtype=np.int64)), "old_global_expert"),
+        (dict(old_global_expert_indices=np.zeros((3, 24), dtype=np.int64)), "old_global_expert"),
         (dict(old_global_expert_indices=np.zeros((24,), dtype=np.int64)), "old_global_expert"),
         (dict(old_global_expert_indices=np.full((2, 24), 16)), "old_global_expert_indices"),
         (dict(old_global_expert_indices=np.full((2, 24), -2)), "old_global_expert_indices"),

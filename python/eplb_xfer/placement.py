@@ -61,7 +61,10 @@ def rebalance_experts(
             ``S = num_replicas // num_ranks``.
         old_global_expert_indices: optional current ``[num_layers,
             num_replicas]`` placement (integers, ``-1`` = empty slot). Without
-            it the result is DeepSeek's algorithm.
+            it the result is DeepSeek's algorithm. A map of whole ranks of
+            the same size but a different count (vLLM's elastic EP) is
+            aligned by rank: the first ``num_ranks`` ranks are kept, missing
+            ranks held nothing.
         max_imbalance: fraction by which the sorted rank-load prefix sums may
             exceed the stock placement's (default 0: never).
 
@@ -170,13 +173,7 @@ def _plan(
         raise TypeError(f"max_imbalance: expected a float, got {type(max_imbalance).__name__}")
     old_bytes = None
     if old is not None:
-        o = to_indices(old, "old_global_expert_indices")
-        if o.shape != (layers, replicas):
-            raise ValueError(
-                f"old_global_expert_indices: shape {tuple(o.shape)}, expected "
-                f"[num_layers {layers}, num_replicas {replicas}]"
-            )
-        old_bytes = o.tobytes()
+        old_bytes = _old_rows(to_indices(old, "old_global_expert_indices"), layers, replicas, ranks)
     out = _core.rebalance_experts_bytes(
         w.tobytes(),
         layers,
@@ -191,6 +188,29 @@ def _plan(
         threads=threads,
     )
     return torch.from_numpy(np.frombuffer(out, dtype="<i8").reshape(layers, replicas).copy())
+
+
+def _old_rows(old: np.ndarray, layers: int, replicas: int, ranks: int) -> bytes:
+    """The old placement as ``[layers, replicas]`` bytes, rank blocks aligned.
+
+    vLLM's elastic EP passes a wider map on scale-down (the first ``ranks``
+    ranks survive) and a narrower one may precede a scale-up (new ranks hold
+    nothing): with the same slots per rank, surviving ranks keep their blocks
+    and new ranks get empty ones (``-1``).
+    """
+    width = old.shape[1]
+    per_rank = replicas // ranks if ranks > 0 else 0
+    if old.shape[0] != layers or (width != replicas and (per_rank == 0 or width % per_rank != 0)):
+        raise ValueError(
+            f"old_global_expert_indices: shape {tuple(old.shape)}, expected "
+            f"[num_layers {layers}, num_replicas {replicas}] (or whole ranks of "
+            f"{per_rank} slots)"
+        )
+    if width > replicas:
+        old = old[:, :replicas]
+    elif width < replicas:
+        old = np.concatenate([old, np.full((layers, replicas - width), -1, np.int64)], axis=1)
+    return np.ascontiguousarray(old, dtype="<i8").tobytes()
 
 
 def _int(name: str, value: object) -> int:
