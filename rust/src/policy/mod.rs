@@ -29,6 +29,7 @@
 //! A rank's load is the sum over its slots of `load(expert) / replicas(expert)`,
 //! the convention of DeepSeek's reference.
 
+mod guard;
 mod hungarian;
 pub mod metrics;
 mod migrate;

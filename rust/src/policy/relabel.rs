@@ -182,8 +182,10 @@ fn assign_any(assigner: &mut Assigner, cost: &[i64], n: usize) -> Vec<usize> {
 /// copies; loads and received experts do not change).
 pub(crate) fn keep_slots(topo: &Topology, placement: &mut [usize], old: &[i64]) {
     let spr = topo.slots_per_rank();
-    // Copies of each expert still to place on the current rank (reset per rank).
+    // Per expert: copies on the current rank not yet given a slot, and copies
+    // kept in their old slot (both back to zero after each rank).
     let mut left = vec![0u32; topo.experts];
+    let mut kept = vec![0u32; topo.experts];
     let mut fixed: Vec<Option<usize>> = vec![None; spr];
     let mut rest: Vec<usize> = Vec::with_capacity(spr);
     for r in 0..topo.ranks {
@@ -198,12 +200,16 @@ pub(crate) fn keep_slots(topo: &Topology, placement: &mut [usize], old: &[i64]) 
                 .filter(|&e| e < topo.experts && left[e] > 0);
             if let Some(e) = *f {
                 left[e] -= 1;
+                kept[e] += 1;
             }
         }
-        // The rest, in the rank's order.
+        // The rest in the rank's order, an expert's kept copies taken from
+        // its first occurrences.
         rest.clear();
         for &e in row.iter() {
-            if left[e] > 0 {
+            if kept[e] > 0 {
+                kept[e] -= 1;
+            } else {
                 left[e] -= 1;
                 rest.push(e);
             }
