@@ -3,7 +3,7 @@
 They run inside emulated hosts (``emulated_hosts.EmulatedHosts.run``), so they
 must be importable and must not create namespaces themselves. Row contents come
 from an oracle of their own (:func:`oracle_row`), independent of
-``eplb_xfer.testing``: every (layer, tensor, expert) row is seeded random
+the product's demo helpers: every (layer, tensor, expert) row is seeded random
 bytes, every empty slot a filler unique to (layer, tensor, slot).
 """
 

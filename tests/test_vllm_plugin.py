@@ -77,3 +77,23 @@ def test_transfers_through_the_plugins_communicator(world, style):
 
 def test_plugin_module_loads():
     assert importlib.import_module("eplb_xfer.vllm").BACKEND == "nixl"
+
+
+def test_register_offers_the_migration_aware_policy_as_default():
+    code = """
+import torch
+import eplb_xfer.vllm as plugin
+from vllm.distributed.eplb.policy import EPLB_POLICIES
+from vllm.distributed.eplb.policy.abstract import AbstractEplbPolicy
+plugin.register()
+cls = EPLB_POLICIES["default"]
+assert issubclass(cls, AbstractEplbPolicy), cls
+w = torch.rand(2, 16)
+old = cls.rebalance_experts(w, 20, 4, 2, 4)            # no old map: DeepSeek's algorithm
+new = cls.rebalance_experts(w * 1.05, 20, 4, 2, 4, old)  # keeps experts in place
+assert new.dtype == torch.int64 and tuple(new.shape) == (2, 20)
+moved = sum(len(set(new[l, r*5:(r+1)*5].tolist()) - set(old[l, r*5:(r+1)*5].tolist()))
+            for l in range(2) for r in range(4))
+print(moved)
+"""
+    assert int(_run(code)) <= 4  # a 5% drift moves (almost) nothing

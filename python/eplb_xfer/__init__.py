@@ -11,6 +11,7 @@ from .communicator import EplbCommunicator
 from .errors import TransferError, TransferInterrupted
 from .factory import create_communicator
 from .nixl import NixlCommunicator
+from .placement import log2phy_logcnt, rebalance_experts
 from .planning import TransferPlan, plan_rebalance
 from .rebalance import RebalanceStats, rearrange_expert_weights_inplace
 from .torch_dist import TorchCommunicator
@@ -26,6 +27,8 @@ __all__ = [
     "TransferPlan",
     "__version__",
     "create_communicator",
+    "log2phy_logcnt",
     "plan_rebalance",
     "rearrange_expert_weights_inplace",
+    "rebalance_experts",
 ]

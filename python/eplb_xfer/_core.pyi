@@ -71,6 +71,39 @@ def plan_rebalance_bytes(
     Raises ``ValueError`` naming the argument and value on invalid placements.
     """
 
+def rebalance_experts_bytes(
+    weight: bytes,
+    num_layers: int,
+    num_logical_experts: int,
+    num_replicas: int,
+    num_groups: int,
+    num_nodes: int,
+    num_ranks: int,
+    old: bytes | None = None,
+    method: str = "migrate",
+    max_imbalance: float = 0.0,
+    threads: int = 0,
+) -> bytes:
+    """EPLB placement (``phy2log``) from little-endian float64 ``weight``
+    ``[num_layers, num_logical_experts]`` and optional int64 ``old``
+    ``[num_layers, num_replicas]``; returns int64 ``[num_layers, num_replicas]``.
+
+    ``method``: ``"stock"`` (DeepSeek's algorithm), ``"relabel"`` (stock renamed
+    to overlap ``old``) or ``"migrate"`` (migration-aware; stock without
+    ``old``). ``threads``: workers over layers, 0 = all cores (the result does
+    not depend on it). The GIL is released while planning. Raises
+    ``ValueError`` naming the argument and value on bad input.
+    """
+
+def log2phy_logcnt_bytes(
+    phy2log: bytes, num_layers: int, num_slots: int, num_logical_experts: int
+) -> tuple[bytes, int, bytes]:
+    """``(log2phy, max_count, logcnt)`` of an int64 ``[num_layers, num_slots]``
+    placement: int64 ``[num_layers, num_logical_experts, max_count]`` replica
+    slots in slot order (``-1`` padding) and int64 ``[num_layers,
+    num_logical_experts]`` counts. Raises ``ValueError`` on a bad entry.
+    """
+
 class MappedLayer:
     """One layer's receives and sends (vLLM's call style) mapped to rows by
     ``NixlEngine.map_experts``."""

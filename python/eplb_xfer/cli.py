@@ -153,6 +153,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="seed of placements and weight contents (default: %(default)s)",
     )
+    d.add_argument(
+        "--policy",
+        choices=["stock", "ours"],
+        default=None,
+        help="plan the placements with an EPLB policy on synthetic drifting loads (stock: "
+        "DeepSeek's EPLB; ours: migration-aware) and report bytes moved per rebalance "
+        "(default: random placements)",
+    )
     d.add_argument("--no-progress", action="store_true", help="no progress output on stderr")
     d.add_argument("--json", metavar="PATH", help="also write the results as JSON ('-': stdout)")
     d.set_defaults(subparser=d)
@@ -210,6 +218,7 @@ def _cmd_demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         seed=args.seed,
         repeat=args.repeat,
         progress=not args.no_progress,
+        policy=args.policy,
     )
     try:
         cfg.validate()

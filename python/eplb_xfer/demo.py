@@ -23,6 +23,10 @@ from .models import get_model, scaled
 
 BACKENDS = ("nixl", "torch")
 MODES = ("zero_copy", "staged")
+#: ``--policy``: stock = DeepSeek's EPLB, ours = migration-aware (eplb_xfer.rebalance_experts).
+POLICIES = ("stock", "ours")
+#: With ``--policy``: per-expert loads drift by exp(POLICY_DRIFT * N(0, 1)) per rebalance.
+POLICY_DRIFT = 0.15
 
 #: Environment of the spawned ranks (values the user already set win).
 RANK_ENV = {"UCX_WARN_UNUSED_ENV_VARS": "n"}
@@ -52,6 +56,7 @@ class DemoConfig:
     seed: int = 0
     repeat: int = 1
     progress: bool = True
+    policy: str | None = None
 
     @property
     def num_experts(self) -> int:
@@ -77,11 +82,17 @@ class DemoConfig:
             ("timeout", self.timeout_s, self.timeout_s > 0, "a positive number of seconds"),
             ("backend", self.backend, self.backend in BACKENDS, f"one of {BACKENDS}"),
             ("mode", self.mode, self.mode in MODES, f"one of {MODES}"),
+            ("policy", self.policy, self.policy in (None, *POLICIES), f"one of {POLICIES}"),
         ]
         for name, value, ok, want in checks:
             if not ok:
                 raise ValueError(f"{name}: expected {want}, got {value!r}")
         spare = self.num_slots - self.num_experts
+        if self.policy is not None and self.empty_slots:
+            raise ValueError(
+                f"empty_slots: expected 0 with a placement policy (it fills every slot), "
+                f"got {self.empty_slots!r}"
+            )
         if not 0 <= self.empty_slots <= spare:
             raise ValueError(
                 f"empty_slots: expected 0..{spare} ({self.num_slots} slots hold "
@@ -90,14 +101,36 @@ class DemoConfig:
 
 
 def make_placements(cfg: DemoConfig) -> list[np.ndarray]:
-    """``repeat + 1`` seeded random ``[layers, slots]`` placements."""
+    """``repeat + 1`` seeded random ``[layers, slots]`` placements (or, with a
+    policy, :func:`policy_placements`)."""
     from ._scenario import random_placement
 
+    if cfg.policy is not None:
+        return policy_placements(cfg)
     rng = np.random.default_rng(cfg.seed)
     return [
         random_placement(rng, cfg.layers, cfg.num_experts, cfg.num_slots, cfg.empty_slots)
         for _ in range(cfg.repeat + 1)
     ]
+
+
+def policy_placements(cfg: DemoConfig) -> list[np.ndarray]:
+    """``repeat + 1`` placements that ``cfg.policy`` plans for seeded lognormal
+    loads drifting by ``POLICY_DRIFT`` per rebalance: the first by stock, then
+    stock again each time, or ours from the previous placement."""
+    from . import placement
+
+    rng = np.random.default_rng(cfg.seed)
+    load = rng.lognormal(0.0, 1.0, (cfg.layers, cfg.num_experts))
+    shape = (cfg.num_slots, 1, 1, cfg.ranks)  # one group, one node: local ranks
+    out = [placement.stock_rebalance_experts(load, *shape).numpy()]
+    for _ in range(cfg.repeat):
+        load = load * np.exp(POLICY_DRIFT * rng.standard_normal(load.shape))
+        if cfg.policy == "ours":
+            out.append(placement.rebalance_experts(load, *shape, out[-1]).numpy())
+        else:
+            out.append(placement.stock_rebalance_experts(load, *shape).numpy())
+    return out
 
 
 def effective_placements(placements: Sequence[np.ndarray]) -> list[np.ndarray]:
@@ -318,6 +351,11 @@ def run_demo(cfg: DemoConfig, out: TextIO | None = None) -> dict[str, Any]:
         f"{cfg.empty_slots} empty slots per layer; backend {cfg.backend}{mode}; "
         f"{cfg.repeat} rebalance(s), seed {cfg.seed}\n"
     )
+    if cfg.policy is not None:
+        out.write(
+            f"  placements by policy {cfg.policy} on lognormal loads drifting "
+            f"{POLICY_DRIFT:.0%} per rebalance\n"
+        )
     out.flush()
     env = {k: os.environ.get(k, v) for k, v in RANK_ENV.items()}
     result: dict[str, Any] = {"config": asdict(cfg) | {"num_experts": cfg.num_experts}}
@@ -349,7 +387,29 @@ def run_demo(cfg: DemoConfig, out: TextIO | None = None) -> dict[str, Any]:
         else f"FAILED: {sum(r['mismatches'] for r in summary)} mismatching rows\n"
     )
     result.update(ok=ok, summary=summary, ranks=per_rank)
+    if cfg.policy is not None:
+        moved = per_rebalance(per_rank)
+        full = get_model(cfg.model).expert_bytes
+        for k, m in enumerate(moved):
+            out.write(
+                f"policy {cfg.policy}: rebalance {k + 1}: {m['experts_received']} experts "
+                f"received, {_mib(m['bytes_received'])} MiB here "
+                f"({m['experts_received'] * full / 1e9:.2f} GB at full {cfg.model} size)\n"
+            )
+        result["per_rebalance"] = moved
     return result
+
+
+def per_rebalance(per_rank: Sequence[dict[str, Any]]) -> list[dict[str, int]]:
+    """Experts and bytes received by all ranks together, per rebalance."""
+    count = min((len(r["rebalances"]) for r in per_rank), default=0)
+    return [
+        {
+            "experts_received": sum(r["rebalances"][k]["experts_received"] for r in per_rank),
+            "bytes_received": sum(r["rebalances"][k]["bytes_received"] for r in per_rank),
+        }
+        for k in range(count)
+    ]
 
 
 def _dtype(dtype: object) -> str:

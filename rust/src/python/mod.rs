@@ -6,6 +6,7 @@ use pyo3::prelude::*;
 
 mod engine;
 mod plan;
+mod policy;
 mod tensors;
 
 use crate::layout::TensorRows;
@@ -163,6 +164,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(live_agents, m)?)?;
     m.add_function(wrap_pyfunction!(local_node_key, m)?)?;
     m.add_function(wrap_pyfunction!(node_ids, m)?)?;
+    policy::register(m)?;
     m.add("NixlUnavailable", m.py().get_type::<NixlUnavailable>())?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())

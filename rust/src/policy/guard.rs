@@ -1,0 +1,210 @@
+//! The balance guard and its fast evaluation.
+//!
+//! Rank loads sorted in descending order must have every prefix sum at most
+//! stock's times `1 + max_imbalance` (the full sums are equal). `Sorted`
+//! keeps the current loads sorted with their prefix excesses so that the
+//! guard after a change of a few loads costs a scan of the window of sorted
+//! positions the change moves, not a sort.
+
+use super::LOAD_EPS;
+
+/// Prefix caps of the guard: `cap[k]` bounds the sum of the `k + 1` largest loads.
+pub(crate) struct Guard {
+    pub(crate) cap: Vec<f64>,
+    /// Improvements smaller than this are rounding noise.
+    pub(crate) tiny: f64,
+}
+
+impl Guard {
+    pub(crate) fn new(stock_sorted: &[f64], max_imbalance: f64) -> Self {
+        let total: f64 = stock_sorted.iter().sum();
+        let slack = LOAD_EPS * total;
+        let mut cap = Vec::with_capacity(stock_sorted.len());
+        let mut s = 0.0;
+        for &x in stock_sorted {
+            s += x;
+            // Half the canonical check's allowance, so that rounding in the
+            // search cannot pass a placement the final check refuses.
+            cap.push(s * (1.0 + max_imbalance) + 0.5 * slack);
+        }
+        Guard {
+            cap,
+            tiny: 1e-9 * total,
+        }
+    }
+}
+
+/// The guard evaluated on some loads.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Eval {
+    /// Sum of the positive prefix excesses.
+    pub(crate) phi: f64,
+    /// Largest prefix excess (`<= 0`: the guard holds).
+    pub(crate) worst: f64,
+}
+
+/// Sorted view of the rank loads (descending, ties by rank id) with the
+/// guard's prefix excesses, for evaluating changes of a few loads.
+///
+/// Every move keeps the total load, so only the window of sorted positions
+/// between the changed ranks' old and new places changes: prefix sums before
+/// and after it are as they were. `eval` rescans just that window.
+pub(crate) struct Sorted {
+    /// Ranks by descending load (ties: rank id).
+    pub(crate) order: Vec<usize>,
+    /// Position of each rank in `order`.
+    pub(crate) pos: Vec<usize>,
+    vals: Vec<f64>,
+    /// `prefix[k]`: sum of `vals[..k]`.
+    pub(crate) prefix: Vec<f64>,
+    /// `cum[k]`: sum of the positive excesses of the first `k` prefixes.
+    cum: Vec<f64>,
+    /// `pmax[k]`: largest excess of the first `k` prefixes; `smax[k]`: of the rest.
+    pmax: Vec<f64>,
+    smax: Vec<f64>,
+    /// The guard on the current loads.
+    base: Eval,
+    /// Loads to evaluate: `(rank, new load)`.
+    pub(crate) changes: Vec<(usize, f64)>,
+    window: Vec<f64>,
+    skip: Vec<usize>,
+}
+
+impl Sorted {
+    pub(crate) fn new(ranks: usize) -> Self {
+        Sorted {
+            order: (0..ranks).collect(),
+            pos: (0..ranks).collect(),
+            vals: vec![0.0; ranks],
+            prefix: vec![0.0; ranks + 1],
+            cum: vec![0.0; ranks + 1],
+            pmax: vec![f64::NEG_INFINITY; ranks + 1],
+            smax: vec![f64::NEG_INFINITY; ranks + 1],
+            base: Eval {
+                phi: 0.0,
+                worst: f64::NEG_INFINITY,
+            },
+            changes: Vec::new(),
+            window: Vec::new(),
+            skip: Vec::new(),
+        }
+    }
+
+    /// Sorts `load` and evaluates the guard on it.
+    pub(crate) fn update(&mut self, load: &[f64], guard: &Guard) -> Eval {
+        let n = load.len();
+        // The previous order is nearly right (a step changes a few loads):
+        // insertion sort is linear then.
+        let before = |a: usize, b: usize| load[a].total_cmp(&load[b]).then(b.cmp(&a)).is_gt();
+        for i in 1..n {
+            let r = self.order[i];
+            let mut j = i;
+            while j > 0 && before(r, self.order[j - 1]) {
+                self.order[j] = self.order[j - 1];
+                j -= 1;
+            }
+            self.order[j] = r;
+        }
+        for (i, &r) in self.order.iter().enumerate() {
+            self.vals[i] = load[r];
+            self.pos[r] = i;
+        }
+        let mut worst = f64::NEG_INFINITY;
+        for k in 0..n {
+            self.prefix[k + 1] = self.prefix[k] + self.vals[k];
+            let v = excess(self.prefix[k + 1], k, n, guard);
+            self.cum[k + 1] = self.cum[k] + v.max(0.0);
+            self.pmax[k + 1] = self.pmax[k].max(v);
+            worst = worst.max(v);
+        }
+        for k in (0..n).rev() {
+            let v = excess(self.prefix[k + 1], k, n, guard);
+            self.smax[k] = self.smax[k + 1].max(v);
+        }
+        self.base = Eval {
+            phi: self.cum[n],
+            worst,
+        };
+        self.base
+    }
+
+    /// The guard with `self.changes` applied.
+    pub(crate) fn eval(&mut self, guard: &Guard) -> Eval {
+        let n = self.vals.len();
+        let (mut lo, mut hi) = (n, 0usize);
+        self.skip.clear();
+        self.window.clear();
+        for &(r, v) in &self.changes {
+            let at = self.vals.partition_point(|&x| x >= v).min(n - 1);
+            let p = self.pos[r];
+            lo = lo.min(p).min(at);
+            hi = hi.max(p).max(at);
+            self.skip.push(p);
+            self.window.push(v);
+        }
+        if lo > hi {
+            return self.base;
+        }
+        insertion_sort(&mut self.skip, |a, b| a < b);
+        insertion_sort(&mut self.window, |a, b| a > b);
+        self.skip.push(usize::MAX);
+        self.window.push(f64::NEG_INFINITY);
+        let (mut si, mut ci) = (0usize, 0usize);
+        let mut sum = self.prefix[lo];
+        let mut phi = self.cum[lo];
+        let mut worst = self.pmax[lo];
+        // Positions lo..=hi hold exactly the unchanged ranks there plus the
+        // changed ones; each step emits the larger of the next of each.
+        let last = (hi + 1).min(n - 1); // the full sum never counts
+        let mut k = lo;
+        let mut p = lo;
+        while k < last {
+            while self.skip[si] == p {
+                si += 1;
+                p += 1;
+            }
+            let x = if p <= hi && self.vals[p] >= self.window[ci] {
+                p += 1;
+                self.vals[p - 1]
+            } else {
+                ci += 1;
+                self.window[ci - 1]
+            };
+            sum += x;
+            let v = sum - guard.cap[k];
+            phi += v.max(0.0);
+            worst = worst.max(v);
+            k += 1;
+        }
+        let k = hi + 1;
+        Eval {
+            phi: phi + self.cum[n] - self.cum[k],
+            worst: worst.max(self.smax[k]),
+        }
+    }
+}
+
+/// Sorts a short slice (a move changes a few ranks) so that `before(a, b)`
+/// holds for consecutive elements.
+fn insertion_sort<T: Copy>(v: &mut [T], before: impl Fn(T, T) -> bool) {
+    for i in 1..v.len() {
+        let x = v[i];
+        let mut j = i;
+        while j > 0 && before(x, v[j - 1]) {
+            v[j] = v[j - 1];
+            j -= 1;
+        }
+        v[j] = x;
+    }
+}
+
+/// Excess of the sum of the `k + 1` largest loads over the guard's cap; the
+/// full sum (`k + 1 == n`) is equal by construction and never counts.
+#[inline]
+fn excess(prefix: f64, k: usize, n: usize, guard: &Guard) -> f64 {
+    if k + 1 < n {
+        prefix - guard.cap[k]
+    } else {
+        f64::NEG_INFINITY
+    }
+}

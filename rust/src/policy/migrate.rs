@@ -1,0 +1,1148 @@
+//! Migration-aware placement: start from where experts are and change only
+//! what balance needs.
+//!
+//! The cost of a placement is the number of (rank, logical expert) pairs it has
+//! that the old placement lacks: each is one expert received over the network
+//! (duplicates on a rank are local copies). The balance guard is the stock
+//! placement's: rank loads sorted in descending order must have every prefix
+//! sum at most stock's times `1 + max_imbalance` (weak majorization; the full
+//! sums are equal), so ours is at least as balanced in every top-k sense.
+//!
+//! Per layer:
+//! 1. Node assignment (hierarchical only): which node holds each expert group.
+//!    Candidates are the old one (each group on the node holding most of it),
+//!    each exchange of two groups between nodes, and stock's (relabeled); a
+//!    candidate is tried only if its node loads can meet the guard and its
+//!    lower bound on cost can beat the best placement found so far.
+//! 2. Start: replica counts by stock's rule for each node's experts; keep as
+//!    many old replicas in place as those counts allow (dropping extras from
+//!    the heaviest ranks) and pack the missing replicas, heaviest first, onto
+//!    the lightest ranks with a free slot.
+//! 3. Repair: while the guard fails, each node looks at the most violated
+//!    prefix boundary its ranks straddle (moving load across a boundary inside
+//!    a node is what lowers that prefix sum) and proposes exchanges of two
+//!    slots between its heaviest ranks inside and lightest ranks outside; each
+//!    is scored exactly by the drop in total prefix excess per expert
+//!    received. The best move of every node is applied at once when the
+//!    moves together still help. When exchanges stop helping, wider pairs
+//!    and replica moves (a redundant slot given to another expert) are tried;
+//!    then one node is re-packed in part (its smallest replicas put back
+//!    heaviest first onto the lightest ranks, as stock does) or replaced by
+//!    stock's placement of the same groups, whichever helps most per expert.
+//! 4. Polish: give slots back to experts their rank held before wherever the
+//!    guard still holds, so that no reception stays that balance does not need.
+//!
+//! The caller keeps the result only if it is cheaper than the relabeled stock
+//! placement, which meets the guard by construction.
+
+use super::guard::{Eval, Guard, Sorted};
+use super::hungarian::Assigner;
+use super::metrics;
+use super::relabel::Presence;
+use super::stock::replicate;
+use super::Topology;
+
+/// Ranks per node and side of a boundary paired up in a repair step.
+const FOCUS: usize = 2;
+/// Ranks per node and side of a boundary when exchanges alone stop helping.
+const WIDE_FOCUS: usize = 4;
+/// Node re-packs or substitutions per node assignment, at most.
+const MAX_ESCALATIONS: usize = 8;
+/// Node assignments searched per layer, at most.
+const MAX_NODE_CANDIDATES: usize = 6;
+/// Polish passes over all received experts, at most.
+const POLISH_PASSES: usize = 1;
+
+/// Searches a placement cheaper than `relabel_cost` that meets the guard.
+///
+/// `relabeled` is the relabeled stock placement of this layer; `stock_sorted`
+/// its rank loads in descending order.
+pub(crate) fn search(
+    topo: &Topology,
+    w: &[f64],
+    old: &[i64],
+    stock_sorted: &[f64],
+    max_imbalance: f64,
+    relabeled: &[usize],
+    relabel_cost: usize,
+) -> Option<Vec<usize>> {
+    let old_has = Presence::of(topo, old);
+    let guard = Guard::new(stock_sorted, max_imbalance);
+    let gs = topo.experts_per_group();
+    let spr = topo.slots_per_rank();
+    let mut stock_node_of_group = vec![0usize; topo.groups];
+    for (p, &e) in relabeled.iter().enumerate() {
+        stock_node_of_group[e / gs] = topo.node_of_rank(p / spr);
+    }
+    let ctx = Ctx {
+        topo,
+        w,
+        w32: w.iter().map(|&v| (v + 0.0) as f32).collect(),
+        old,
+        old_has: &old_has,
+        guard: &guard,
+        relabeled,
+        stock_node_of_group,
+    };
+    let mut best: Option<Vec<usize>> = None;
+    let mut best_cost = relabel_cost as i64;
+    for assignment in ctx.node_candidates(best_cost) {
+        if assignment.lower_bound >= best_cost {
+            continue;
+        }
+        let mut st = ctx.start(&assignment.node_of_group);
+        if !ctx.repair(&mut st) {
+            continue;
+        }
+        // Exchanges update two loads incrementally; start polish from exact ones.
+        ctx.recompute_loads(&mut st);
+        ctx.polish(&mut st);
+        if st.cost >= best_cost {
+            continue;
+        }
+        let placement: Vec<usize> = st.slot.iter().map(|&e| e as usize).collect();
+        // Final word: the canonical loads, as the tests measure them.
+        let ours = metrics::sorted_loads(w, &placement, topo);
+        if metrics::prefix_excess(&ours, stock_sorted, max_imbalance) > 0.0 {
+            continue;
+        }
+        best_cost = st.cost;
+        best = Some(placement);
+        if best_cost == 0 {
+            break;
+        }
+    }
+    best
+}
+
+/// A node assignment of the expert groups, with a lower bound on its cost.
+struct NodeAssignment {
+    node_of_group: Vec<usize>,
+    lower_bound: i64,
+}
+
+struct Ctx<'a> {
+    topo: &'a Topology,
+    w: &'a [f64],
+    /// Loads in single precision, for stock's replication rule.
+    w32: Vec<f32>,
+    old: &'a [i64],
+    old_has: &'a Presence,
+    guard: &'a Guard,
+    relabeled: &'a [usize],
+    /// Node of each group in the relabeled stock placement.
+    stock_node_of_group: Vec<usize>,
+}
+
+/// A placement under construction with the bookkeeping of its cost and loads.
+#[derive(Clone)]
+struct State {
+    /// Expert of every slot.
+    slot: Vec<u32>,
+    /// Replicas of every expert.
+    cnt: Vec<u32>,
+    /// `on[r * experts + e]`: copies of `e` on rank `r`.
+    on: Vec<u32>,
+    /// Load of every rank (canonical: recomputed after each change).
+    load: Vec<f64>,
+    /// Experts received: pairs (r, e) with `on > 0` that the old placement lacks.
+    cost: i64,
+    /// Node of every expert.
+    node_of_expert: Vec<usize>,
+}
+
+/// A change of the placement.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Move {
+    /// Exchange the experts of two slots (on two ranks of one node).
+    Swap(usize, usize),
+    /// Give a slot to another expert (the slot's expert keeps a replica elsewhere).
+    Retarget(usize, u32),
+}
+
+impl Move {
+    /// The first slot the move changes.
+    fn slot(self) -> usize {
+        match self {
+            Move::Swap(p, _) | Move::Retarget(p, _) => p,
+        }
+    }
+}
+
+/// What a move needs to know about one distinct expert of a rank.
+#[derive(Clone, Copy, Debug)]
+struct SideItem {
+    slot: usize,
+    expert: usize,
+    /// Load per replica.
+    per: f64,
+    /// Replicas in the layer.
+    cnt: u32,
+    /// Copies on this rank.
+    on: u32,
+    /// Cost change of this rank losing one copy.
+    loss: i64,
+}
+
+/// Reused buffers of the repair loop.
+#[derive(Default)]
+struct Scratch {
+    /// Ranks of each node in descending load order.
+    by_node: Vec<usize>,
+    node_fill: Vec<usize>,
+    /// Per node: (excess, prefix length - 1) of the worst boundary it straddles.
+    node_bound: Vec<(f64, usize)>,
+    /// Per node: sorted positions of its heaviest and lightest rank.
+    node_span: Vec<(usize, usize)>,
+    batch: Vec<Move>,
+    one: Vec<(usize, f64)>,
+    pairs: Vec<(usize, usize)>,
+    cands: Vec<(Move, i64)>,
+    scored: Vec<((u8, f64), Move)>,
+    /// Per node: its best scored move.
+    node_best: Vec<Option<((u8, f64), Move)>>,
+    /// Distinct experts of the ranks seen in this step (`side_at`, `side_len`
+    /// per rank, valid when `side_step[r] == step`).
+    side: Vec<SideItem>,
+    side_at: Vec<usize>,
+    side_len: Vec<usize>,
+    side_step: Vec<u64>,
+    step: u64,
+    gain_a: Vec<i64>,
+    gain_b: Vec<i64>,
+}
+
+impl Ctx<'_> {
+    fn e(&self) -> usize {
+        self.topo.experts
+    }
+    fn spr(&self) -> usize {
+        self.topo.slots_per_rank()
+    }
+    fn g(&self) -> usize {
+        self.topo.ranks_per_node()
+    }
+    fn rank_of(&self, slot: usize) -> usize {
+        slot / self.spr()
+    }
+    fn per(&self, st: &State, x: usize) -> f64 {
+        self.w[x] / st.cnt[x] as f64
+    }
+
+    // ------------------------------------------------------------------ nodes
+
+    /// Node assignments to try, cheapest bound first (old, group exchanges, stock's).
+    fn node_candidates(&self, best_cost: i64) -> Vec<NodeAssignment> {
+        let t = self.topo;
+        if !t.hierarchical() {
+            let a = vec![0; t.groups];
+            return vec![NodeAssignment {
+                lower_bound: self.lower_bound(&a),
+                node_of_group: a,
+            }];
+        }
+        let gs = t.experts_per_group();
+        let gpn = t.groups_per_node();
+        // Affinity: old slots of each group on each node.
+        let mut aff = vec![0usize; t.groups * t.nodes];
+        for (p, &v) in self.old.iter().enumerate() {
+            if v >= 0 {
+                let grp = v as usize / gs;
+                aff[grp * t.nodes + t.node_of_rank(self.rank_of(p))] += 1;
+            }
+        }
+        let mut pairs: Vec<(usize, usize)> = (0..t.groups)
+            .flat_map(|grp| (0..t.nodes).map(move |n| (grp, n)))
+            .collect();
+        pairs.sort_unstable_by(|&(g1, n1), &(g2, n2)| {
+            aff[g2 * t.nodes + n2]
+                .cmp(&aff[g1 * t.nodes + n1])
+                .then(g1.cmp(&g2))
+                .then(n1.cmp(&n2))
+        });
+        let mut old_assign = vec![usize::MAX; t.groups];
+        let mut room = vec![gpn; t.nodes];
+        for &(grp, n) in &pairs {
+            if old_assign[grp] == usize::MAX && room[n] > 0 {
+                old_assign[grp] = n;
+                room[n] -= 1;
+            }
+        }
+        let mut cands: Vec<Vec<usize>> = vec![old_assign.clone()];
+        if gpn > 1 {
+            for g1 in 0..t.groups {
+                for g2 in g1 + 1..t.groups {
+                    if old_assign[g1] != old_assign[g2] {
+                        let mut a = old_assign.clone();
+                        a.swap(g1, g2);
+                        cands.push(a);
+                    }
+                }
+            }
+        }
+        if !cands.contains(&self.stock_node_of_group) {
+            cands.push(self.stock_node_of_group.clone());
+        }
+        let mut out: Vec<NodeAssignment> = cands
+            .into_iter()
+            .filter(|a| self.nodes_can_meet_guard(a))
+            .map(|a| NodeAssignment {
+                lower_bound: self.lower_bound(&a),
+                node_of_group: a,
+            })
+            .filter(|a| a.lower_bound < best_cost)
+            .collect();
+        out.sort_by_key(|a| a.lower_bound); // stable: old first among equals
+        out.truncate(MAX_NODE_CANDIDATES);
+        out
+    }
+
+    /// Necessary condition: the `j` heaviest nodes' ranks are `j * g` ranks, so
+    /// their load is at most the guard's cap on the `j * g` heaviest ranks.
+    fn nodes_can_meet_guard(&self, node_of_group: &[usize]) -> bool {
+        let t = self.topo;
+        let gs = t.experts_per_group();
+        let g = self.g();
+        let mut node_load = vec![0.0f64; t.nodes];
+        for (grp, &n) in node_of_group.iter().enumerate() {
+            node_load[n] += self.w[grp * gs..(grp + 1) * gs].iter().sum::<f64>();
+        }
+        node_load.sort_unstable_by(|a, b| b.total_cmp(a));
+        let mut s = 0.0;
+        for (j, &x) in node_load.iter().enumerate().take(t.nodes - 1) {
+            s += x;
+            if s > self.guard.cap[(j + 1) * g - 1] {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Experts that no rank of their (new) node held: each must be received.
+    fn lower_bound(&self, node_of_group: &[usize]) -> i64 {
+        let t = self.topo;
+        let gs = t.experts_per_group();
+        let g = self.g();
+        let mut lb = 0;
+        for e in 0..t.experts {
+            let n = node_of_group[e / gs];
+            if !(n * g..(n + 1) * g).any(|r| self.old_has.has(r, e)) {
+                lb += 1;
+            }
+        }
+        lb
+    }
+
+    // ------------------------------------------------------------------ start
+
+    /// The starting placement for a node assignment (see the module docs).
+    fn start(&self, node_of_group: &[usize]) -> State {
+        let t = self.topo;
+        let e_n = self.e();
+        let spr = self.spr();
+        let g = self.g();
+        let gs = t.experts_per_group();
+        let node_of_expert: Vec<usize> = (0..e_n).map(|e| node_of_group[e / gs]).collect();
+        // Experts of each node, in id order.
+        let mut experts_of: Vec<Vec<usize>> = vec![Vec::new(); t.nodes];
+        for (e, &n) in node_of_expert.iter().enumerate() {
+            experts_of[n].push(e);
+        }
+        // Replica counts by stock's rule, per node.
+        let mut cnt = vec![0u32; e_n];
+        let (mut p2l, mut c, mut node_w) = (Vec::new(), Vec::new(), Vec::new());
+        for experts in &experts_of {
+            node_w.clear();
+            node_w.extend(experts.iter().map(|&e| self.w32[e]));
+            replicate(&node_w, t.slots / t.nodes, &mut p2l, &mut c);
+            for (i, &e) in experts.iter().enumerate() {
+                cnt[e] = c[i];
+            }
+        }
+        // Old replicas that may stay (on a rank of their expert's node),
+        // grouped by expert in slot order (a counting sort).
+        let stays =
+            |p: usize, v: i64| v >= 0 && node_of_expert[v as usize] == t.node_of_rank(p / spr);
+        let mut at = vec![0usize; e_n + 1];
+        for (p, &v) in self.old.iter().enumerate() {
+            if stays(p, v) {
+                at[v as usize + 1] += 1;
+            }
+        }
+        for x in 0..e_n {
+            at[x + 1] += at[x];
+        }
+        let mut keep = vec![(0usize, 0usize); at[e_n]];
+        for (p, &v) in self.old.iter().enumerate() {
+            if stays(p, v) {
+                let x = v as usize;
+                keep[at[x]] = (x, p);
+                at[x] += 1;
+            }
+        }
+        let mut prelim = vec![0.0f64; t.ranks];
+        for &(x, p) in &keep {
+            prelim[p / spr] += self.w[x] / cnt[x] as f64;
+        }
+        const FREE: u32 = u32::MAX;
+        let mut slot = vec![FREE; t.slots];
+        let mut kept = vec![0u32; e_n];
+        let mut i = 0;
+        while i < keep.len() {
+            let x = keep[i].0;
+            let end = i + keep[i..].iter().take_while(|k| k.0 == x).count();
+            let list = &mut keep[i..end];
+            let mut len = list.len();
+            let per = self.w[x] / cnt[x] as f64;
+            // Too many: drop a same-rank duplicate first, else the copy on the
+            // heaviest rank (dropped entries move to the end of `list`).
+            while len > cnt[x] as usize {
+                let live = &list[..len];
+                let dup = (0..len)
+                    .rev()
+                    .find(|&j| live[..j].iter().any(|q| q.1 / spr == live[j].1 / spr));
+                let j = dup.unwrap_or_else(|| {
+                    (0..len)
+                        .max_by(|&a, &b| {
+                            prelim[live[a].1 / spr]
+                                .total_cmp(&prelim[live[b].1 / spr])
+                                .then(a.cmp(&b))
+                        })
+                        .unwrap_or(0)
+                });
+                prelim[list[j].1 / spr] -= per;
+                list[j..len].rotate_left(1);
+                len -= 1;
+            }
+            for k in &list[..len] {
+                slot[k.1] = x as u32;
+            }
+            kept[x] = len as u32;
+            i = end;
+        }
+        // Pack the missing replicas of each node, heaviest first, onto its
+        // lightest ranks with a free slot.
+        for (n, experts) in experts_of.iter().enumerate() {
+            let ranks = n * g..(n + 1) * g;
+            let mut load = vec![0.0f64; g];
+            let mut free_of: Vec<Vec<usize>> = vec![Vec::new(); g];
+            for p in (ranks.start * spr..ranks.end * spr).rev() {
+                if slot[p] == FREE {
+                    free_of[p / spr - ranks.start].push(p);
+                } else {
+                    let x = slot[p] as usize;
+                    load[p / spr - ranks.start] += self.w[x] / cnt[x] as f64;
+                }
+            }
+            let mut items: Vec<usize> = Vec::new();
+            for &x in experts {
+                items.extend(std::iter::repeat(x).take((cnt[x] - kept[x]) as usize));
+            }
+            items.sort_unstable_by(|&a, &b| {
+                let la = self.w[a] / cnt[a] as f64;
+                let lb = self.w[b] / cnt[b] as f64;
+                lb.total_cmp(&la).then(a.cmp(&b))
+            });
+            for &x in &items {
+                let lightest = (0..g)
+                    .filter(|&i| !free_of[i].is_empty())
+                    .min_by(|&i, &j| load[i].total_cmp(&load[j]).then(i.cmp(&j)));
+                let Some(i) = lightest else { break };
+                if let Some(p) = free_of[i].pop() {
+                    slot[p] = x as u32;
+                    load[i] += self.w[x] / cnt[x] as f64;
+                }
+            }
+        }
+        // The counts add up to each node's slots, so every slot is filled; a
+        // leftover would be a bug, and gets a valid expert rather than a panic.
+        for s in slot.iter_mut() {
+            if *s == FREE {
+                *s = 0;
+            }
+        }
+        let mut st = State {
+            slot,
+            cnt: vec![0; e_n],
+            on: vec![0; t.ranks * e_n],
+            load: vec![0.0; t.ranks],
+            cost: 0,
+            node_of_expert,
+        };
+        self.count(&mut st);
+        st
+    }
+
+    /// Computes counts, presence, cost and loads of a fresh state (all zero)
+    /// from its slots.
+    fn count(&self, st: &mut State) {
+        let e_n = self.e();
+        let spr = self.spr();
+        for (p, &x) in st.slot.iter().enumerate() {
+            let (r, x) = (p / spr, x as usize);
+            st.cnt[x] += 1;
+            if st.on[r * e_n + x] == 0 && !self.old_has.has(r, x) {
+                st.cost += 1;
+            }
+            st.on[r * e_n + x] += 1;
+        }
+        self.recompute_loads(st);
+    }
+
+    fn recompute_loads(&self, st: &mut State) {
+        let spr = self.spr();
+        st.load.iter_mut().for_each(|l| *l = 0.0);
+        for (p, &x) in st.slot.iter().enumerate() {
+            st.load[p / spr] += self.w[x as usize] / st.cnt[x as usize] as f64;
+        }
+    }
+
+    // ------------------------------------------------------------------ moves
+
+    #[inline]
+    fn on(&self, st: &State, r: usize, x: usize) -> u32 {
+        st.on[r * self.e() + x]
+    }
+
+    /// Cost change of rank `r` losing one copy of `x`.
+    #[inline]
+    fn loss(&self, st: &State, r: usize, x: usize) -> i64 {
+        -i64::from(self.on(st, r, x) == 1 && !self.old_has.has(r, x))
+    }
+
+    /// Cost change of rank `r` gaining one copy of `x`.
+    #[inline]
+    fn gain(&self, st: &State, r: usize, x: usize) -> i64 {
+        i64::from(self.on(st, r, x) == 0 && !self.old_has.has(r, x))
+    }
+
+    /// Cost change of a move.
+    fn move_cost(&self, st: &State, m: Move) -> i64 {
+        match m {
+            Move::Swap(pa, pb) => {
+                let (a, b) = (self.rank_of(pa), self.rank_of(pb));
+                let (x, y) = (st.slot[pa] as usize, st.slot[pb] as usize);
+                self.loss(st, a, x)
+                    + self.gain(st, a, y)
+                    + self.loss(st, b, y)
+                    + self.gain(st, b, x)
+            }
+            Move::Retarget(p, y) => {
+                let a = self.rank_of(p);
+                let x = st.slot[p] as usize;
+                self.loss(st, a, x) + self.gain(st, a, y as usize)
+            }
+        }
+    }
+
+    /// Writes the rank loads a move changes into `out` as `(rank, new load)`.
+    fn move_loads(&self, st: &State, m: Move, out: &mut Vec<(usize, f64)>) {
+        out.clear();
+        match m {
+            Move::Swap(pa, pb) => {
+                let (a, b) = (self.rank_of(pa), self.rank_of(pb));
+                let (x, y) = (st.slot[pa] as usize, st.slot[pb] as usize);
+                let d = self.per(st, x) - self.per(st, y);
+                out.push((a, st.load[a] - d));
+                out.push((b, st.load[b] + d));
+            }
+            Move::Retarget(p, y) => {
+                // Replica counts change, so every holder of either expert moves.
+                let a = self.rank_of(p);
+                let x = st.slot[p] as usize;
+                let y = y as usize;
+                let (cx, cy) = (st.cnt[x] as f64, st.cnt[y] as f64);
+                let (lx0, lx1) = (self.w[x] / cx, self.w[x] / (cx - 1.0));
+                let (ly0, ly1) = (self.w[y] / cy, self.w[y] / (cy + 1.0));
+                let g = self.g();
+                let node = self.topo.node_of_rank(a);
+                for r in node * g..(node + 1) * g {
+                    let (ox, oy) = (self.on(st, r, x) as f64, self.on(st, r, y) as f64);
+                    let (nx, ny) = if r == a {
+                        (ox - 1.0, oy + 1.0)
+                    } else {
+                        (ox, oy)
+                    };
+                    if ox == 0.0 && ny == 0.0 {
+                        continue;
+                    }
+                    let mut d = 0.0;
+                    if ox > 0.0 {
+                        d += nx * lx1 - ox * lx0;
+                    }
+                    if ny > 0.0 {
+                        d += ny * ly1 - oy * ly0;
+                    }
+                    out.push((r, st.load[r] + d));
+                }
+            }
+        }
+    }
+
+    fn apply(&self, st: &mut State, m: Move) {
+        match m {
+            Move::Swap(pa, pb) => {
+                let (x, y) = (st.slot[pa], st.slot[pb]);
+                let d = self.per(st, x as usize) - self.per(st, y as usize);
+                self.set_slot(st, pa, y);
+                self.set_slot(st, pb, x);
+                // Counts are unchanged: only the two ranks' loads move. The
+                // final check recomputes every load from scratch.
+                st.load[self.rank_of(pa)] -= d;
+                st.load[self.rank_of(pb)] += d;
+            }
+            Move::Retarget(p, y) => {
+                self.set_slot(st, p, y);
+                self.recompute_loads(st);
+            }
+        }
+    }
+
+    /// Sets one slot, keeping counts, presence and cost (not loads) current.
+    fn set_slot(&self, st: &mut State, p: usize, y: u32) {
+        let x = st.slot[p];
+        if x == y {
+            return;
+        }
+        let r = self.rank_of(p);
+        let e_n = self.e();
+        st.cost += self.loss(st, r, x as usize);
+        st.on[r * e_n + x as usize] -= 1;
+        st.cnt[x as usize] -= 1;
+        st.cost += self.gain(st, r, y as usize);
+        st.on[r * e_n + y as usize] += 1;
+        st.cnt[y as usize] += 1;
+        st.slot[p] = y;
+    }
+
+    // ----------------------------------------------------------------- repair
+
+    /// Applies moves until the guard holds; false if it gets stuck.
+    fn repair(&self, st: &mut State) -> bool {
+        let mut sorted = Sorted::new(self.topo.ranks);
+        let mut sc = Scratch::default();
+        let mut escalations = 0;
+        for _ in 0..2 * self.topo.slots + 16 {
+            let ev = sorted.update(&st.load, self.guard);
+            if ev.worst <= 0.0 {
+                return true;
+            }
+            if self.step(st, &mut sorted, ev, FOCUS, false, &mut sc)
+                || self.step(st, &mut sorted, ev, WIDE_FOCUS, true, &mut sc)
+            {
+                continue;
+            }
+            if escalations < MAX_ESCALATIONS && self.escalate(st, &mut sorted, ev, &mut sc) {
+                escalations += 1;
+                continue;
+            }
+            return false;
+        }
+        false
+    }
+
+    /// Rank pairs (heavier, lighter) of one node on both sides of a violated
+    /// prefix boundary: each node uses the most violated boundary its ranks
+    /// straddle, with up to `focus` ranks per side.
+    fn pairs(&self, st: &State, sorted: &Sorted, focus: usize, sc: &mut Scratch) {
+        let t = self.topo;
+        let n = sorted.order.len();
+        let g = self.g();
+        sc.by_node.clear();
+        sc.by_node.resize(n, 0);
+        sc.node_fill.clear();
+        sc.node_fill.resize(t.nodes, 0);
+        for &r in &sorted.order {
+            let node = r / g;
+            sc.by_node[node * g + sc.node_fill[node]] = r;
+            sc.node_fill[node] += 1;
+        }
+        sc.node_bound.clear();
+        sc.node_bound.resize(t.nodes, (0.0, usize::MAX));
+        sc.node_span.clear();
+        sc.node_span.extend((0..t.nodes).map(|node| {
+            let list = &sc.by_node[node * g..(node + 1) * g];
+            (sorted.pos[list[0]], sorted.pos[list[g - 1]])
+        }));
+        for k in 0..n.saturating_sub(1) {
+            let v = sorted.prefix[k + 1] - self.guard.cap[k];
+            if v <= 0.0 {
+                continue;
+            }
+            for (bound, &(first, last)) in sc.node_bound.iter_mut().zip(&sc.node_span) {
+                if first <= k && k < last && v > bound.0 {
+                    *bound = (v, k);
+                }
+            }
+        }
+        sc.pairs.clear();
+        for node in 0..t.nodes {
+            let k = sc.node_bound[node].1;
+            if k == usize::MAX {
+                continue;
+            }
+            let list = &sc.by_node[node * g..(node + 1) * g];
+            let split = list.partition_point(|&r| sorted.pos[r] <= k);
+            let (inside, outside) = list.split_at(split);
+            for &a in inside.iter().take(focus) {
+                for &b in outside.iter().rev().take(focus) {
+                    if st.load[a] > st.load[b] {
+                        sc.pairs.push((a, b));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Scores the candidate moves of the pairs exactly and applies the best
+    /// one of every node together when that helps (moves that receive nothing
+    /// and moves that do are not mixed), else the best one alone. False if no
+    /// move helps.
+    fn step(
+        &self,
+        st: &mut State,
+        sorted: &mut Sorted,
+        ev: Eval,
+        focus: usize,
+        retarget: bool,
+        sc: &mut Scratch,
+    ) -> bool {
+        self.pairs(st, sorted, focus, sc);
+        sc.step += 1;
+        sc.side.clear();
+        let ranks = self.topo.ranks;
+        if sc.side_step.len() != ranks {
+            sc.side_step = vec![0; ranks];
+            sc.side_at = vec![0; ranks];
+            sc.side_len = vec![0; ranks];
+        }
+        sc.cands.clear();
+        for i in 0..sc.pairs.len() {
+            let (a, b) = sc.pairs[i];
+            self.pair_candidates(st, a, b, retarget, sc);
+        }
+        sc.scored.clear();
+        for &(m, dc) in &sc.cands {
+            self.move_loads(st, m, &mut sorted.changes);
+            if let Some(key) = self.key(ev.phi - sorted.eval(self.guard).phi, dc) {
+                sc.scored.push((key, m));
+            }
+        }
+        // The best move, plus the best of every other node: moves of
+        // different nodes change disjoint ranks, so their load changes simply
+        // add up and one evaluation of the sum decides. Ties keep candidate
+        // order.
+        let better = |a: (u8, f64), b: (u8, f64)| a.0 < b.0 || (a.0 == b.0 && a.1 < b.1);
+        let g = self.g();
+        sc.node_best.clear();
+        sc.node_best.resize(self.topo.nodes, None);
+        for &(key, m) in &sc.scored {
+            let cell = &mut sc.node_best[self.rank_of(m.slot()) / g];
+            if cell.map_or(true, |(k, _)| better(key, k)) {
+                *cell = Some((key, m));
+            }
+        }
+        let Some((first_key, first)) =
+            sc.node_best
+                .iter()
+                .flatten()
+                .copied()
+                .reduce(|a, b| if better(b.0, a.0) { b } else { a })
+        else {
+            return false;
+        };
+        sc.batch.clear();
+        sc.batch.push(first);
+        for &(key, m) in sc.node_best.iter().flatten() {
+            if m != first && key.0 == first_key.0 {
+                sc.batch.push(m);
+            }
+        }
+        if sc.batch.len() > 1 {
+            let mut all = std::mem::take(&mut sorted.changes);
+            all.clear();
+            let mut dc = 0;
+            for &m in &sc.batch {
+                self.move_loads(st, m, &mut sc.one);
+                all.extend_from_slice(&sc.one);
+                dc += self.move_cost(st, m);
+            }
+            sorted.changes = all;
+            let together = self.key(ev.phi - sorted.eval(self.guard).phi, dc);
+            if together.is_some_and(|k| k.0 == first_key.0) {
+                for i in 0..sc.batch.len() {
+                    self.apply(st, sc.batch[i]);
+                }
+                return true;
+            }
+        }
+        self.apply(st, first);
+        true
+    }
+
+    /// Ranking key of a move (smaller is better): free moves first, by gain,
+    /// then gain per expert received; `None` if it does not help.
+    fn key(&self, gain: f64, dc: i64) -> Option<(u8, f64)> {
+        if gain <= self.guard.tiny {
+            None
+        } else if dc <= 0 {
+            Some((0, -gain + dc as f64 * self.guard.tiny))
+        } else {
+            Some((1, -(gain / dc as f64)))
+        }
+    }
+
+    /// Candidate moves between heavier rank `a` and lighter rank `b` of one
+    /// node, with their cost: per kind and cost, the one that best evens out
+    /// the pair. Kinds: exchanges; with `retarget`, also a redundant slot of
+    /// one rank given to an expert of the other.
+    fn pair_candidates(&self, st: &State, a: usize, b: usize, retarget: bool, sc: &mut Scratch) {
+        let (la, lb) = (st.load[a], st.load[b]);
+        let d = la - lb;
+        if d <= 0.0 {
+            return;
+        }
+        self.side(st, a, sc);
+        self.side(st, b, sc);
+        let side_a = &sc.side[sc.side_at[a]..sc.side_at[a] + sc.side_len[a]];
+        let side_b = &sc.side[sc.side_at[b]..sc.side_at[b] + sc.side_len[b]];
+        // Cost changes of each rank gaining one copy of the other's experts.
+        sc.gain_b.clear();
+        sc.gain_b
+            .extend(side_a.iter().map(|x| self.gain(st, b, x.expert)));
+        sc.gain_a.clear();
+        sc.gain_a
+            .extend(side_b.iter().map(|y| self.gain(st, a, y.expert)));
+        // best[kind][cost class]: (score, move, cost); costs <= 0 share class 0.
+        let mut best: [[Option<(f64, Move, i64)>; 3]; 3] = [[None; 3]; 3];
+        let mut offer = |kind: usize, dc: i64, score: f64, m: Move| {
+            let cell = &mut best[kind][dc.clamp(0, 2) as usize];
+            if cell.map_or(true, |(s, _, _)| score < s) {
+                *cell = Some((score, m, dc));
+            }
+        };
+        for (i, xa) in side_a.iter().enumerate() {
+            let gain_b = sc.gain_b[i];
+            for (j, yb) in side_b.iter().enumerate() {
+                if xa.expert == yb.expert {
+                    continue;
+                }
+                let gain_a = sc.gain_a[j];
+                // a gives x, takes y.
+                let delta = xa.per - yb.per;
+                if delta > 0.0 && delta < d {
+                    let dc = xa.loss + gain_a + yb.loss + gain_b;
+                    offer(0, dc, (d - 2.0 * delta).abs(), Move::Swap(xa.slot, yb.slot));
+                }
+                if !retarget {
+                    continue;
+                }
+                // b's slot (a redundant replica of y) becomes another replica of x.
+                if yb.cnt >= 2 {
+                    let nx = self.w[xa.expert] / (xa.cnt + 1) as f64;
+                    let na = la - xa.on as f64 * (xa.per - nx);
+                    let nb = lb - yb.per + nx;
+                    let dc = yb.loss + gain_b;
+                    offer(
+                        1,
+                        dc,
+                        (na - nb).abs(),
+                        Move::Retarget(yb.slot, xa.expert as u32),
+                    );
+                }
+                // a's slot (a redundant replica of x) becomes another replica of y.
+                if xa.cnt >= 2 {
+                    let ny = self.w[yb.expert] / (yb.cnt + 1) as f64;
+                    let na = la - xa.per + ny;
+                    let nb = lb - yb.on as f64 * (yb.per - ny);
+                    let dc = xa.loss + gain_a;
+                    offer(
+                        2,
+                        dc,
+                        (na - nb).abs(),
+                        Move::Retarget(xa.slot, yb.expert as u32),
+                    );
+                }
+            }
+        }
+        sc.cands
+            .extend(best.iter().flatten().flatten().map(|&(_, m, dc)| (m, dc)));
+    }
+
+    /// Caches one entry per distinct expert of rank `r` for this step.
+    fn side(&self, st: &State, r: usize, sc: &mut Scratch) {
+        if sc.side_step[r] == sc.step {
+            return;
+        }
+        sc.side_step[r] = sc.step;
+        sc.side_at[r] = sc.side.len();
+        let spr = self.spr();
+        let row = &st.slot[r * spr..(r + 1) * spr];
+        for (i, &xv) in row.iter().enumerate() {
+            if row[..i].contains(&xv) {
+                continue;
+            }
+            let x = xv as usize;
+            sc.side.push(SideItem {
+                slot: r * spr + i,
+                expert: x,
+                per: self.per(st, x),
+                cnt: st.cnt[x],
+                on: self.on(st, r, x),
+                loss: self.loss(st, r, x),
+            });
+        }
+        sc.side_len[r] = sc.side.len() - sc.side_at[r];
+    }
+
+    // ------------------------------------------------------------- escalation
+
+    /// Applies the node re-pack or substitution with the best prefix-excess
+    /// reduction per expert received, among nodes whose ranks straddle a
+    /// violated prefix boundary; false if none reduces it.
+    fn escalate(&self, st: &mut State, sorted: &mut Sorted, ev: Eval, sc: &mut Scratch) -> bool {
+        let g = self.g();
+        let items = g * self.spr();
+        // `pairs` left each node's worst straddled boundary in `node_bound`.
+        self.pairs(st, sorted, 1, sc);
+        let mut assigner = Assigner::default();
+        let mut best: Option<(f64, usize, Vec<u32>)> = None;
+        for node in 0..self.topo.nodes {
+            if sc.node_bound[node].1 == usize::MAX {
+                continue;
+            }
+            let mut plans = self.plan_repacks(st, node);
+            plans.extend(self.plan_substitute(st, node, &mut assigner));
+            for plan in plans {
+                let dc = self.node_effect(st, node, &plan, &mut sorted.changes);
+                let gain = ev.phi - sorted.eval(self.guard).phi;
+                if gain <= self.guard.tiny {
+                    continue;
+                }
+                let score = gain / dc.max(1) as f64;
+                if best.as_ref().map_or(true, |(s, _, _)| score > *s) {
+                    best = Some((score, node, plan));
+                }
+            }
+        }
+        match best {
+            Some((_, node, plan)) => {
+                let base = node * items;
+                for (i, &x) in plan.iter().enumerate() {
+                    self.set_slot(st, base + i, x);
+                }
+                self.recompute_loads(st);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The node's slots after taking its `m` lightest replicas out and putting
+    /// them back heaviest first, each on the lightest rank with a free slot (at
+    /// equal load, preferring a rank that needs no transfer), for `m` = ranks
+    /// per node, doubling while below the node's slots. Plans that move
+    /// nothing are left out.
+    fn plan_repacks(&self, st: &State, node: usize) -> Vec<Vec<u32>> {
+        let g = self.g();
+        let spr = self.spr();
+        let base = node * g * spr;
+        let current: &[u32] = &st.slot[base..base + g * spr];
+        let per = |i: usize| self.per(st, current[i] as usize);
+        // Slots by replica load, lightest first (ties: expert, slot).
+        let mut by_load: Vec<usize> = (0..current.len()).collect();
+        by_load.sort_unstable_by(|&p, &q| {
+            per(p)
+                .total_cmp(&per(q))
+                .then(current[p].cmp(&current[q]))
+                .then(p.cmp(&q))
+        });
+        let mut out = Vec::new();
+        let mut m = g;
+        while m < current.len() {
+            let taken = &by_load[..m];
+            let mut plan = current.to_vec();
+            let mut load: Vec<f64> = (node * g..(node + 1) * g).map(|r| st.load[r]).collect();
+            let mut free_of: Vec<Vec<usize>> = vec![Vec::new(); g];
+            for &i in taken {
+                load[i / spr] -= per(i);
+                free_of[i / spr].push(i);
+            }
+            for f in free_of.iter_mut() {
+                f.sort_unstable_by(|a, b| b.cmp(a));
+            }
+            // Heaviest first: `taken` is lightest first.
+            for &i in taken.iter().rev() {
+                let x = current[i];
+                let xr = x as usize;
+                let no_transfer = |k: usize| {
+                    let r = node * g + k;
+                    self.old_has.has(r, xr) || self.on(st, r, xr) > 0
+                };
+                let pick = (0..g).filter(|&k| !free_of[k].is_empty()).min_by(|&k, &j| {
+                    load[k]
+                        .total_cmp(&load[j])
+                        .then(no_transfer(j).cmp(&no_transfer(k)))
+                        .then(k.cmp(&j))
+                });
+                let Some(k) = pick else { break };
+                if let Some(p) = free_of[k].pop() {
+                    plan[p] = x;
+                    load[k] += per(i);
+                }
+            }
+            if plan[..] != current[..] {
+                out.push(plan);
+            }
+            m *= 2;
+        }
+        out
+    }
+
+    /// The node's slots taken from the relabeled stock placement of the same
+    /// groups, its ranks matched to this node's old ranks by an exact
+    /// assignment. `None` if stock has no node with exactly these groups.
+    fn plan_substitute(
+        &self,
+        st: &State,
+        node: usize,
+        assigner: &mut Assigner,
+    ) -> Option<Vec<u32>> {
+        let t = self.topo;
+        let g = self.g();
+        let spr = self.spr();
+        let gs = t.experts_per_group();
+        let stock = &self.stock_node_of_group;
+        let first = (0..t.groups).find(|&grp| st.node_of_expert[grp * gs] == node)?;
+        let m = stock[first];
+        if (0..t.groups).any(|grp| (stock[grp] == m) != (st.node_of_expert[grp * gs] == node)) {
+            return None;
+        }
+        let mut cost = vec![0i64; g * g];
+        for i in 0..g {
+            let src = &self.relabeled[(m * g + i) * spr..(m * g + i + 1) * spr];
+            for j in 0..g {
+                let r = node * g + j;
+                cost[i * g + j] = src
+                    .iter()
+                    .enumerate()
+                    .filter(|&(k, &x)| !src[..k].contains(&x) && !self.old_has.has(r, x))
+                    .count() as i64;
+            }
+        }
+        let perm = assigner.assign(&cost, g);
+        let mut plan = vec![0u32; g * spr];
+        for (i, &j) in perm.iter().enumerate() {
+            let src = (m * g + i) * spr;
+            for k in 0..spr {
+                plan[j * spr + k] = self.relabeled[src + k] as u32;
+            }
+        }
+        (plan[..] != st.slot[node * g * spr..(node + 1) * g * spr]).then_some(plan)
+    }
+
+    /// Writes the node ranks' loads under `plan` into `changes`; returns the
+    /// plan's cost change. Replicas of the node's experts lie in the node, so
+    /// their counts follow from the plan alone.
+    fn node_effect(
+        &self,
+        st: &State,
+        node: usize,
+        plan: &[u32],
+        changes: &mut Vec<(usize, f64)>,
+    ) -> i64 {
+        let g = self.g();
+        let spr = self.spr();
+        let base = node * g * spr;
+        let mut cnt = st.cnt.clone();
+        for p in 0..g * spr {
+            cnt[st.slot[base + p] as usize] -= 1;
+        }
+        for &x in plan {
+            cnt[x as usize] += 1;
+        }
+        let received = |r: usize, row: &[u32]| {
+            row.iter()
+                .enumerate()
+                .filter(|&(k, &x)| !row[..k].contains(&x) && !self.old_has.has(r, x as usize))
+                .count() as i64
+        };
+        changes.clear();
+        let mut dc = 0i64;
+        for i in 0..g {
+            let r = node * g + i;
+            let row = &plan[i * spr..(i + 1) * spr];
+            let load = row
+                .iter()
+                .map(|&x| self.w[x as usize] / cnt[x as usize] as f64)
+                .sum();
+            changes.push((r, load));
+            dc += received(r, row) - received(r, &st.slot[base + i * spr..base + (i + 1) * spr]);
+        }
+        dc
+    }
+
+    // ----------------------------------------------------------------- polish
+
+    /// Gives slots back to experts their rank held before wherever the guard
+    /// still holds afterwards.
+    fn polish(&self, st: &mut State) {
+        let t = self.topo;
+        let spr = self.spr();
+        let g = self.g();
+        let mut sorted = Sorted::new(t.ranks);
+        for _ in 0..POLISH_PASSES {
+            let mut improved = false;
+            sorted.update(&st.load, self.guard);
+            for p in 0..t.slots {
+                let a = p / spr;
+                let x = st.slot[p] as usize;
+                if self.old_has.has(a, x) {
+                    continue;
+                }
+                let node = t.node_of_rank(a);
+                let mut chosen: Option<(Move, i64)> = None;
+                // Experts this rank held before (its old slots) and lost since.
+                for q in a * spr..(a + 1) * spr {
+                    let Ok(y) = usize::try_from(self.old[q]) else {
+                        continue;
+                    };
+                    if y == x || self.on(st, a, y) > 0 || st.node_of_expert[y] != node {
+                        continue;
+                    }
+                    let mut try_move = |m: Move, st: &State, sorted: &mut Sorted| {
+                        let dc = self.move_cost(st, m);
+                        if dc >= 0 || chosen.is_some_and(|(_, c)| c <= dc) {
+                            return;
+                        }
+                        self.move_loads(st, m, &mut sorted.changes);
+                        if sorted.eval(self.guard).worst <= 0.0 {
+                            chosen = Some((m, dc));
+                        }
+                    };
+                    if st.cnt[x] >= 2 {
+                        try_move(Move::Retarget(p, y as u32), st, &mut sorted);
+                    }
+                    for r in node * g..(node + 1) * g {
+                        if r == a || self.on(st, r, y) == 0 {
+                            continue;
+                        }
+                        if let Some(pb) =
+                            (r * spr..(r + 1) * spr).find(|&s| st.slot[s] as usize == y)
+                        {
+                            try_move(Move::Swap(p, pb), st, &mut sorted);
+                        }
+                    }
+                }
+                if let Some((m, _)) = chosen {
+                    self.apply(st, m);
+                    sorted.update(&st.load, self.guard);
+                    improved = true;
+                }
+            }
+            if !improved {
+                break;
+            }
+        }
+    }
+}

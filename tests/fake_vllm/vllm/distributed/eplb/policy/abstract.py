@@ -1,0 +1,5 @@
+"""Stand-in: vLLM's policy base class."""
+
+
+class AbstractEplbPolicy:
+    pass
