@@ -1,7 +1,7 @@
 """Per-layer bookkeeping latency: a reference of the anchor (vLLM NIXL v3) vs eplb-xfer.
 
-The anchor reference is written here from the behaviour described in
-/work/shared/CONTEXT.md (it is not vLLM's code): all layers' weights and the
+The anchor reference is written here from the published description of vLLM's
+NIXL v3 zero-copy communicator (it is not vLLM's code): all layers' weights and the
 one-layer expert_buffer are registered once and peers exchange metadata and
 base addresses once; then, per layer,
 
