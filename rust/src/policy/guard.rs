@@ -128,8 +128,11 @@ impl Sorted {
         self.base
     }
 
-    /// The guard with `self.changes` applied.
-    pub(crate) fn eval(&mut self, guard: &Guard) -> Eval {
+    /// Sorts the changed ranks' positions and new loads for a merge and
+    /// returns the window `lo..=hi` of sorted positions they affect (`None`
+    /// without changes): positions before `lo` and after `hi` keep their
+    /// loads and prefix sums.
+    fn window(&mut self) -> Option<(usize, usize)> {
         let n = self.vals.len();
         let (mut lo, mut hi) = (n, 0usize);
         self.skip.clear();
@@ -143,44 +146,117 @@ impl Sorted {
             self.window.push(v);
         }
         if lo > hi {
-            return self.base;
+            return None;
         }
         insertion_sort(&mut self.skip, |a, b| a < b);
         insertion_sort(&mut self.window, |a, b| a > b);
         self.skip.push(usize::MAX);
         self.window.push(f64::NEG_INFINITY);
-        let (mut si, mut ci) = (0usize, 0usize);
+        Some((lo, hi))
+    }
+
+    /// Feeds the loads at sorted positions `lo..` with the changes applied to
+    /// `f`, in order, until `f` has seen `count` of them or returns false;
+    /// returns false if `f` did.
+    ///
+    /// Positions `lo..=hi` hold exactly the unchanged ranks there plus the
+    /// changed ones: the merge takes an unchanged load before a changed one
+    /// when it is at least as large. Runs of unchanged loads are found by
+    /// binary search and fed without a comparison per load.
+    #[inline(always)]
+    fn merged(&self, lo: usize, hi: usize, count: usize, mut f: impl FnMut(f64) -> bool) -> bool {
+        let mut left = count;
+        let mut p = lo;
+        let mut si = 0usize;
+        for &c in &self.window {
+            // Unchanged positions from `p` whose load is at least `c`.
+            let end = if p > hi {
+                p
+            } else {
+                p + self.vals[p..=hi].partition_point(|&x| x >= c)
+            };
+            while p < end {
+                // Up to the next changed rank's old position.
+                while self.skip[si] < p {
+                    si += 1;
+                }
+                if self.skip[si] == p {
+                    si += 1;
+                    p += 1;
+                    continue;
+                }
+                let stop = end.min(self.skip[si]);
+                let take = (stop - p).min(left);
+                for &x in &self.vals[p..p + take] {
+                    if !f(x) {
+                        return false;
+                    }
+                }
+                left -= take;
+                if left == 0 {
+                    return true;
+                }
+                p = stop;
+            }
+            if c == f64::NEG_INFINITY && p > hi {
+                break; // the sentinel
+            }
+            if left == 0 {
+                return true;
+            }
+            if !f(c) {
+                return false;
+            }
+            left -= 1;
+            if left == 0 {
+                return true;
+            }
+        }
+        true
+    }
+
+    /// The sum of the positive prefix excesses with `self.changes` applied.
+    pub(crate) fn phi(&mut self, guard: &Guard) -> f64 {
+        let Some((lo, hi)) = self.window() else {
+            return self.base.phi;
+        };
+        let n = self.vals.len();
+        let last = (hi + 1).min(n - 1); // the full sum never counts
         let mut sum = self.prefix[lo];
         let mut phi = self.cum[lo];
-        let mut worst = self.pmax[lo];
-        // Positions lo..=hi hold exactly the unchanged ranks there plus the
-        // changed ones; each step emits the larger of the next of each.
-        let last = (hi + 1).min(n - 1); // the full sum never counts
         let mut k = lo;
-        let mut p = lo;
-        while k < last {
-            while self.skip[si] == p {
-                si += 1;
-                p += 1;
-            }
-            let x = if p <= hi && self.vals[p] >= self.window[ci] {
-                p += 1;
-                self.vals[p - 1]
-            } else {
-                ci += 1;
-                self.window[ci - 1]
-            };
+        let cap = &guard.cap;
+        self.merged(lo, hi, last.saturating_sub(lo), |x| {
             sum += x;
-            let v = sum - guard.cap[k];
-            phi += v.max(0.0);
-            worst = worst.max(v);
+            let v = sum - cap[k];
+            phi += if v > 0.0 { v } else { 0.0 };
             k += 1;
+            true
+        });
+        phi + self.cum[n] - self.cum[hi + 1]
+    }
+
+    /// Whether the guard holds with `self.changes` applied.
+    pub(crate) fn holds(&mut self, guard: &Guard) -> bool {
+        let Some((lo, hi)) = self.window() else {
+            return self.base.worst <= 0.0;
+        };
+        if self.pmax[lo] > 0.0 || self.smax[hi + 1] > 0.0 {
+            return false;
         }
-        let k = hi + 1;
-        Eval {
-            phi: phi + self.cum[n] - self.cum[k],
-            worst: worst.max(self.smax[k]),
-        }
+        let n = self.vals.len();
+        let last = (hi + 1).min(n - 1);
+        let mut sum = self.prefix[lo];
+        let mut k = lo;
+        let cap = &guard.cap;
+        self.merged(lo, hi, last.saturating_sub(lo), |x| {
+            sum += x;
+            // NaN (overflowing loads) counts as no excess, as `f64::max` does.
+            let v = sum - cap[k];
+            let ok = v <= 0.0 || v.is_nan();
+            k += 1;
+            ok
+        })
     }
 }
 

@@ -724,7 +724,7 @@ impl Ctx<'_> {
         sc.scored.clear();
         for &(m, dc) in &sc.cands {
             self.move_loads(st, m, &mut sorted.changes);
-            if let Some(key) = self.key(ev.phi - sorted.eval(self.guard).phi, dc) {
+            if let Some(key) = self.key(ev.phi - sorted.phi(self.guard), dc) {
                 sc.scored.push((key, m));
             }
         }
@@ -768,7 +768,7 @@ impl Ctx<'_> {
                 dc += self.move_cost(st, m);
             }
             sorted.changes = all;
-            let together = self.key(ev.phi - sorted.eval(self.guard).phi, dc);
+            let together = self.key(ev.phi - sorted.phi(self.guard), dc);
             if together.is_some_and(|k| k.0 == first_key.0) {
                 for i in 0..sc.batch.len() {
                     self.apply(st, sc.batch[i]);
@@ -915,7 +915,7 @@ impl Ctx<'_> {
             plans.extend(self.plan_substitute(st, node, &mut assigner));
             for plan in plans {
                 let dc = self.node_effect(st, node, &plan, &mut sorted.changes);
-                let gain = ev.phi - sorted.eval(self.guard).phi;
+                let gain = ev.phi - sorted.phi(self.guard);
                 if gain <= self.guard.tiny {
                     continue;
                 }
@@ -1116,7 +1116,7 @@ impl Ctx<'_> {
                             return;
                         }
                         self.move_loads(st, m, &mut sorted.changes);
-                        if sorted.eval(self.guard).worst <= 0.0 {
+                        if sorted.holds(self.guard) {
                             chosen = Some((m, dc));
                         }
                     };
