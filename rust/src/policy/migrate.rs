@@ -76,6 +76,10 @@ pub(crate) fn search(
     }
     let ctx = Ctx {
         topo,
+        rank_of_slot: (0..topo.slots).map(|p| (p / spr) as u32).collect(),
+        node_of_rank: (0..topo.ranks)
+            .map(|r| topo.node_of_rank(r) as u32)
+            .collect(),
         w,
         w32: w.iter().map(|&v| (v + 0.0) as f32).collect(),
         old,
@@ -123,6 +127,9 @@ struct NodeAssignment {
 
 struct Ctx<'a> {
     topo: &'a Topology,
+    /// Rank of every slot and node of every rank (no divisions in the loops).
+    rank_of_slot: Vec<u32>,
+    node_of_rank: Vec<u32>,
     w: &'a [f64],
     /// Loads in single precision, for stock's replication rule.
     w32: Vec<f32>,
@@ -141,6 +148,8 @@ struct State {
     slot: Vec<u32>,
     /// Replicas of every expert.
     cnt: Vec<u32>,
+    /// Load per replica of every expert: `w[e] / cnt[e]`, kept with `cnt`.
+    per: Vec<f64>,
     /// `on[r * experts + e]`: copies of `e` on rank `r`.
     on: Vec<u32>,
     /// Load of every rank (canonical: recomputed after each change).
@@ -222,11 +231,17 @@ impl Ctx<'_> {
     fn g(&self) -> usize {
         self.topo.ranks_per_node()
     }
+    #[inline]
     fn rank_of(&self, slot: usize) -> usize {
-        slot / self.spr()
+        self.rank_of_slot[slot] as usize
     }
+    #[inline]
+    fn node_of(&self, rank: usize) -> usize {
+        self.node_of_rank[rank] as usize
+    }
+    #[inline]
     fn per(&self, st: &State, x: usize) -> f64 {
-        self.w[x] / st.cnt[x] as f64
+        st.per[x]
     }
 
     // ------------------------------------------------------------------ nodes
@@ -248,7 +263,7 @@ impl Ctx<'_> {
         for (p, &v) in self.old.iter().enumerate() {
             if v >= 0 {
                 let grp = v as usize / gs;
-                aff[grp * t.nodes + t.node_of_rank(self.rank_of(p))] += 1;
+                aff[grp * t.nodes + self.node_of(self.rank_of(p))] += 1;
             }
         }
         let mut pairs: Vec<(usize, usize)> = (0..t.groups)
@@ -361,8 +376,9 @@ impl Ctx<'_> {
         }
         // Old replicas that may stay (on a rank of their expert's node),
         // grouped by expert in slot order (a counting sort).
-        let stays =
-            |p: usize, v: i64| v >= 0 && node_of_expert[v as usize] == t.node_of_rank(p / spr);
+        let stays = |p: usize, v: i64| {
+            v >= 0 && node_of_expert[v as usize] == self.node_of(self.rank_of(p))
+        };
         let mut at = vec![0usize; e_n + 1];
         for (p, &v) in self.old.iter().enumerate() {
             if stays(p, v) {
@@ -464,6 +480,7 @@ impl Ctx<'_> {
         let mut st = State {
             slot,
             cnt: vec![0; e_n],
+            per: vec![0.0; e_n],
             on: vec![0; t.ranks * e_n],
             load: vec![0.0; t.ranks],
             cost: 0,
@@ -477,23 +494,24 @@ impl Ctx<'_> {
     /// from its slots.
     fn count(&self, st: &mut State) {
         let e_n = self.e();
-        let spr = self.spr();
         for (p, &x) in st.slot.iter().enumerate() {
-            let (r, x) = (p / spr, x as usize);
+            let (r, x) = (self.rank_of(p), x as usize);
             st.cnt[x] += 1;
             if st.on[r * e_n + x] == 0 && !self.old_has.has(r, x) {
                 st.cost += 1;
             }
             st.on[r * e_n + x] += 1;
         }
+        for ((per, &w), &c) in st.per.iter_mut().zip(self.w).zip(&st.cnt) {
+            *per = w / c as f64;
+        }
         self.recompute_loads(st);
     }
 
     fn recompute_loads(&self, st: &mut State) {
-        let spr = self.spr();
         st.load.iter_mut().for_each(|l| *l = 0.0);
-        for (p, &x) in st.slot.iter().enumerate() {
-            st.load[p / spr] += self.w[x as usize] / st.cnt[x as usize] as f64;
+        for (&r, &x) in self.rank_of_slot.iter().zip(&st.slot) {
+            st.load[r as usize] += st.per[x as usize];
         }
     }
 
@@ -555,7 +573,7 @@ impl Ctx<'_> {
                 let (lx0, lx1) = (self.w[x] / cx, self.w[x] / (cx - 1.0));
                 let (ly0, ly1) = (self.w[y] / cy, self.w[y] / (cy + 1.0));
                 let g = self.g();
-                let node = self.topo.node_of_rank(a);
+                let node = self.node_of(a);
                 for r in node * g..(node + 1) * g {
                     let (ox, oy) = (self.on(st, r, x) as f64, self.on(st, r, y) as f64);
                     let (nx, ny) = if r == a {
@@ -609,9 +627,11 @@ impl Ctx<'_> {
         st.cost += self.loss(st, r, x as usize);
         st.on[r * e_n + x as usize] -= 1;
         st.cnt[x as usize] -= 1;
+        st.per[x as usize] = self.w[x as usize] / st.cnt[x as usize] as f64;
         st.cost += self.gain(st, r, y as usize);
         st.on[r * e_n + y as usize] += 1;
         st.cnt[y as usize] += 1;
+        st.per[y as usize] = self.w[y as usize] / st.cnt[y as usize] as f64;
         st.slot[p] = y;
     }
 
@@ -653,7 +673,7 @@ impl Ctx<'_> {
         sc.node_fill.clear();
         sc.node_fill.resize(t.nodes, 0);
         for &r in &sorted.order {
-            let node = r / g;
+            let node = self.node_of(r);
             sc.by_node[node * g + sc.node_fill[node]] = r;
             sc.node_fill[node] += 1;
         }
@@ -733,11 +753,10 @@ impl Ctx<'_> {
         // add up and one evaluation of the sum decides. Ties keep candidate
         // order.
         let better = |a: (u8, f64), b: (u8, f64)| a.0 < b.0 || (a.0 == b.0 && a.1 < b.1);
-        let g = self.g();
         sc.node_best.clear();
         sc.node_best.resize(self.topo.nodes, None);
         for &(key, m) in &sc.scored {
-            let cell = &mut sc.node_best[self.rank_of(m.slot()) / g];
+            let cell = &mut sc.node_best[self.node_of(self.rank_of(m.slot()))];
             if cell.map_or(true, |(k, _)| better(key, k)) {
                 *cell = Some((key, m));
             }
@@ -1095,12 +1114,12 @@ impl Ctx<'_> {
             let mut improved = false;
             sorted.update(&st.load, self.guard);
             for p in 0..t.slots {
-                let a = p / spr;
+                let a = self.rank_of(p);
                 let x = st.slot[p] as usize;
                 if self.old_has.has(a, x) {
                     continue;
                 }
-                let node = t.node_of_rank(a);
+                let node = self.node_of(a);
                 let mut chosen: Option<(Move, i64)> = None;
                 // Experts this rank held before (its old slots) and lost since.
                 for q in a * spr..(a + 1) * spr {
