@@ -66,7 +66,8 @@ pub(crate) struct Sorted {
     base: Eval,
     /// Loads to evaluate: `(rank, new load)`.
     pub(crate) changes: Vec<(usize, f64)>,
-    window: Vec<f64>,
+    /// Buffers of evaluations of many changes.
+    add: Vec<(f64, usize)>,
     skip: Vec<usize>,
 }
 
@@ -85,7 +86,7 @@ impl Sorted {
                 worst: f64::NEG_INFINITY,
             },
             changes: Vec::new(),
-            window: Vec::new(),
+            add: Vec::new(),
             skip: Vec::new(),
         }
     }
@@ -128,96 +129,59 @@ impl Sorted {
         self.base
     }
 
-    /// Sorts the changed ranks' positions and new loads for a merge and
-    /// returns the window `lo..=hi` of sorted positions they affect (`None`
-    /// without changes): positions before `lo` and after `hi` keep their
-    /// loads and prefix sums.
-    fn window(&mut self) -> Option<(usize, usize)> {
-        let n = self.vals.len();
-        let (mut lo, mut hi) = (n, 0usize);
-        self.skip.clear();
-        self.window.clear();
-        for &(r, v) in &self.changes {
-            let at = self.vals.partition_point(|&x| x >= v).min(n - 1);
-            let p = self.pos[r];
-            lo = lo.min(p).min(at);
-            hi = hi.max(p).max(at);
-            self.skip.push(p);
-            self.window.push(v);
-        }
-        if lo > hi {
-            return None;
-        }
-        insertion_sort(&mut self.skip, |a, b| a < b);
-        insertion_sort(&mut self.window, |a, b| a > b);
-        self.skip.push(usize::MAX);
-        self.window.push(f64::NEG_INFINITY);
-        Some((lo, hi))
-    }
-
-    /// Feeds the loads at sorted positions `lo..` with the changes applied to
-    /// `f`, in order, until `f` has seen `count` of them or returns false;
-    /// returns false if `f` did.
-    ///
-    /// Positions `lo..=hi` hold exactly the unchanged ranks there plus the
-    /// changed ones: the merge takes an unchanged load before a changed one
-    /// when it is at least as large. Runs of unchanged loads are found by
-    /// binary search and fed without a comparison per load.
-    #[inline(always)]
-    fn merged(&self, lo: usize, hi: usize, count: usize, mut f: impl FnMut(f64) -> bool) -> bool {
-        let mut left = count;
-        let mut p = lo;
-        let mut si = 0usize;
-        for &c in &self.window {
-            // Unchanged positions from `p` whose load is at least `c`.
-            let end = if p > hi {
-                p
-            } else {
-                p + self.vals[p..=hi].partition_point(|&x| x >= c)
-            };
-            while p < end {
-                // Up to the next changed rank's old position.
-                while self.skip[si] < p {
-                    si += 1;
-                }
-                if self.skip[si] == p {
-                    si += 1;
-                    p += 1;
-                    continue;
-                }
-                let stop = end.min(self.skip[si]);
-                let take = (stop - p).min(left);
-                for &x in &self.vals[p..p + take] {
-                    if !f(x) {
-                        return false;
-                    }
-                }
-                left -= take;
-                if left == 0 {
-                    return true;
-                }
-                p = stop;
-            }
-            if c == f64::NEG_INFINITY && p > hi {
-                break; // the sentinel
-            }
-            if left == 0 {
-                return true;
-            }
-            if !f(c) {
-                return false;
-            }
-            left -= 1;
-            if left == 0 {
-                return true;
-            }
-        }
-        true
-    }
-
-    /// The sum of the positive prefix excesses with `self.changes` applied.
+    /// The guard's sum of positive prefix excesses with `self.changes` applied.
     pub(crate) fn phi(&mut self, guard: &Guard) -> f64 {
-        let Some((lo, hi)) = self.window() else {
+        let m = self.changes.len();
+        if m <= SMALL {
+            let mut skip = [0usize; SMALL];
+            let mut add = [(0.0f64, 0usize); SMALL];
+            let w = self.prepare(&mut skip[..m], &mut add[..m]);
+            self.phi_of(guard, &skip[..m], &add[..m], w)
+        } else {
+            let (mut skip, mut add) = self.take_buffers(m);
+            let w = self.prepare(&mut skip, &mut add);
+            let phi = self.phi_of(guard, &skip, &add, w);
+            (self.skip, self.add) = (skip, add);
+            phi
+        }
+    }
+
+    /// Whether the guard holds with `self.changes` applied.
+    pub(crate) fn holds(&mut self, guard: &Guard) -> bool {
+        let m = self.changes.len();
+        if m <= SMALL {
+            let mut skip = [0usize; SMALL];
+            let mut add = [(0.0f64, 0usize); SMALL];
+            let w = self.prepare(&mut skip[..m], &mut add[..m]);
+            self.holds_of(guard, &skip[..m], &add[..m], w)
+        } else {
+            let (mut skip, mut add) = self.take_buffers(m);
+            let w = self.prepare(&mut skip, &mut add);
+            let ok = self.holds_of(guard, &skip, &add, w);
+            (self.skip, self.add) = (skip, add);
+            ok
+        }
+    }
+
+    /// The heap buffers for `m` changes (many changes are rare).
+    fn take_buffers(&mut self, m: usize) -> (Vec<usize>, Vec<(f64, usize)>) {
+        let mut skip = std::mem::take(&mut self.skip);
+        let mut add = std::mem::take(&mut self.add);
+        skip.clear();
+        skip.resize(m, 0);
+        add.clear();
+        add.resize(m, (0.0, 0));
+        (skip, add)
+    }
+
+    fn phi_of(
+        &self,
+        guard: &Guard,
+        skip: &[usize],
+        add: &[(f64, usize)],
+        window: Option<(usize, usize)>,
+    ) -> f64 {
+        let Some((lo, hi)) = window else {
             return self.base.phi;
         };
         let n = self.vals.len();
@@ -226,19 +190,32 @@ impl Sorted {
         let mut phi = self.cum[lo];
         let mut k = lo;
         let cap = &guard.cap;
-        self.merged(lo, hi, last.saturating_sub(lo), |x| {
-            sum += x;
-            let v = sum - cap[k];
-            phi += if v > 0.0 { v } else { 0.0 };
-            k += 1;
-            true
-        });
+        merge(
+            &self.vals,
+            skip,
+            add,
+            lo,
+            hi,
+            last.saturating_sub(lo),
+            |x| {
+                sum += x;
+                let v = sum - cap[k];
+                phi += if v > 0.0 { v } else { 0.0 };
+                k += 1;
+                true
+            },
+        );
         phi + self.cum[n] - self.cum[hi + 1]
     }
 
-    /// Whether the guard holds with `self.changes` applied.
-    pub(crate) fn holds(&mut self, guard: &Guard) -> bool {
-        let Some((lo, hi)) = self.window() else {
+    fn holds_of(
+        &self,
+        guard: &Guard,
+        skip: &[usize],
+        add: &[(f64, usize)],
+        window: Option<(usize, usize)>,
+    ) -> bool {
+        let Some((lo, hi)) = window else {
             return self.base.worst <= 0.0;
         };
         if self.pmax[lo] > 0.0 || self.smax[hi + 1] > 0.0 {
@@ -249,14 +226,146 @@ impl Sorted {
         let mut sum = self.prefix[lo];
         let mut k = lo;
         let cap = &guard.cap;
-        self.merged(lo, hi, last.saturating_sub(lo), |x| {
-            sum += x;
-            // NaN (overflowing loads) counts as no excess, as `f64::max` does.
-            let v = sum - cap[k];
-            let ok = v <= 0.0 || v.is_nan();
-            k += 1;
-            ok
-        })
+        merge(
+            &self.vals,
+            skip,
+            add,
+            lo,
+            hi,
+            last.saturating_sub(lo),
+            |x| {
+                sum += x;
+                // NaN (overflowing loads) counts as no excess, as `f64::max` does.
+                let v = sum - cap[k];
+                k += 1;
+                v <= 0.0 || v.is_nan()
+            },
+        )
+    }
+
+    /// Writes the changed ranks' old sorted positions into `skip` (ascending)
+    /// and their new loads into `add` (descending), each with its insertion
+    /// point (the number of current loads at least as large); returns the
+    /// window `lo..=hi` of sorted positions the changes affect (`None`
+    /// without changes). Every move keeps the total load, so positions
+    /// before `lo` and after `hi` keep their loads and prefix sums.
+    fn prepare(&self, skip: &mut [usize], add: &mut [(f64, usize)]) -> Option<(usize, usize)> {
+        let vals = &self.vals;
+        let n = vals.len();
+        let (mut lo, mut hi) = (n, 0usize);
+        for ((&(r, v), s), a) in self.changes.iter().zip(skip.iter_mut()).zip(add.iter_mut()) {
+            let p = self.pos[r];
+            // `vals` is descending: a load at most `vals[p]` goes after `p`,
+            // a larger one before it.
+            let after = if v <= vals[p] {
+                p + 1 + vals[p + 1..].partition_point(|&x| x >= v)
+            } else {
+                vals[..p].partition_point(|&x| x >= v)
+            };
+            let at = after.min(n - 1);
+            lo = lo.min(p).min(at);
+            hi = hi.max(p).max(at);
+            *s = p;
+            *a = (v, after);
+        }
+        if lo > hi {
+            return None;
+        }
+        insertion_sort(skip, |a, b| a < b);
+        insertion_sort(add, |a, b| a.0 > b.0);
+        Some((lo, hi))
+    }
+}
+
+/// Changes evaluated with buffers on the stack.
+const SMALL: usize = 8;
+
+/// Feeds the loads at sorted positions `lo..` with the changes applied to
+/// `f`, in order, until `f` has seen `count` of them or returns false;
+/// returns false if `f` did.
+///
+/// Positions `lo..=hi` hold exactly the unchanged ranks there plus the
+/// changed ones: an unchanged load goes before a changed one when it is at
+/// least as large, i.e. before the changed load's insertion point. Runs of
+/// unchanged loads are fed without a comparison per load.
+#[inline(always)]
+fn merge(
+    vals: &[f64],
+    skip: &[usize],
+    add: &[(f64, usize)],
+    lo: usize,
+    hi: usize,
+    count: usize,
+    mut f: impl FnMut(f64) -> bool,
+) -> bool {
+    let mut cur = Cursor {
+        p: lo,
+        si: 0,
+        left: count,
+    };
+    for &(c, at) in add {
+        if cur.left == 0 {
+            return true;
+        }
+        let end = at.min(hi + 1).max(cur.p);
+        if let Some(r) = cur.run(vals, skip, end, &mut f) {
+            return r;
+        }
+        if !f(c) {
+            return false;
+        }
+        cur.left -= 1;
+    }
+    if cur.left == 0 {
+        return true;
+    }
+    cur.run(vals, skip, hi + 1, &mut f).unwrap_or(true)
+}
+
+/// Position of a [`merge`] in the unchanged loads and in `skip`, and loads left.
+struct Cursor {
+    p: usize,
+    si: usize,
+    left: usize,
+}
+
+impl Cursor {
+    /// Feeds the unchanged loads at positions `p..end`; `Some` when the
+    /// merge is over (`f` refused a load, or `left` reached 0).
+    #[inline(always)]
+    fn run(
+        &mut self,
+        vals: &[f64],
+        skip: &[usize],
+        end: usize,
+        f: &mut impl FnMut(f64) -> bool,
+    ) -> Option<bool> {
+        while self.p < end {
+            while self.si < skip.len() && skip[self.si] < self.p {
+                self.si += 1;
+            }
+            let stop = match skip.get(self.si) {
+                Some(&s) if s == self.p => {
+                    self.si += 1;
+                    self.p += 1;
+                    continue;
+                }
+                Some(&s) => end.min(s),
+                None => end,
+            };
+            let take = (stop - self.p).min(self.left);
+            for &x in &vals[self.p..self.p + take] {
+                if !f(x) {
+                    return Some(false);
+                }
+            }
+            self.left -= take;
+            if self.left == 0 {
+                return Some(true);
+            }
+            self.p = stop;
+        }
+        None
     }
 }
 
