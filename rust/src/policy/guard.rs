@@ -57,6 +57,9 @@ pub(crate) struct Sorted {
     vals: Vec<f64>,
     /// `prefix[k]`: sum of `vals[..k]`.
     pub(crate) prefix: Vec<f64>,
+    /// `exc[k]`: excess of `prefix[k + 1]` over the guard's cap (`-inf` for
+    /// the full sum).
+    pub(crate) exc: Vec<f64>,
     /// `cum[k]`: sum of the positive excesses of the first `k` prefixes.
     cum: Vec<f64>,
     /// `pmax[k]`: largest excess of the first `k` prefixes; `smax[k]`: of the rest.
@@ -78,6 +81,7 @@ impl Sorted {
             pos: (0..ranks).collect(),
             vals: vec![0.0; ranks],
             prefix: vec![0.0; ranks + 1],
+            exc: vec![f64::NEG_INFINITY; ranks],
             cum: vec![0.0; ranks + 1],
             pmax: vec![f64::NEG_INFINITY; ranks + 1],
             smax: vec![f64::NEG_INFINITY; ranks + 1],
@@ -95,36 +99,48 @@ impl Sorted {
     pub(crate) fn update(&mut self, load: &[f64], guard: &Guard) -> Eval {
         let n = load.len();
         // The previous order is nearly right (a step changes a few loads):
-        // insertion sort is linear then.
-        let before = |a: usize, b: usize| load[a].total_cmp(&load[b]).then(b.cmp(&a)).is_gt();
+        // insertion sort is linear then. Loads descending (`total_cmp`),
+        // ties by rank id: a strict total order, so the result is unique.
+        for (v, &r) in self.vals.iter_mut().zip(&self.order) {
+            *v = load[r];
+        }
+        let before = |v: f64, r: usize, w: f64, q: usize| v.total_cmp(&w).then(q.cmp(&r)).is_gt();
         for i in 1..n {
-            let r = self.order[i];
+            let (v, r) = (self.vals[i], self.order[i]);
             let mut j = i;
-            while j > 0 && before(r, self.order[j - 1]) {
+            while j > 0 && before(v, r, self.vals[j - 1], self.order[j - 1]) {
+                self.vals[j] = self.vals[j - 1];
                 self.order[j] = self.order[j - 1];
                 j -= 1;
             }
+            self.vals[j] = v;
             self.order[j] = r;
         }
         for (i, &r) in self.order.iter().enumerate() {
-            self.vals[i] = load[r];
             self.pos[r] = i;
         }
-        let mut worst = f64::NEG_INFINITY;
+        // Comparisons instead of `f64::max`: the same values (a NaN excess
+        // counts as none), without its NaN handling in the loop.
+        let mut sum = 0.0;
         for k in 0..n {
-            self.prefix[k + 1] = self.prefix[k] + self.vals[k];
-            let v = excess(self.prefix[k + 1], k, n, guard);
-            self.cum[k + 1] = self.cum[k] + v.max(0.0);
-            self.pmax[k + 1] = self.pmax[k].max(v);
-            worst = worst.max(v);
+            sum += self.vals[k];
+            self.prefix[k + 1] = sum;
+            let v = excess(sum, k, n, guard);
+            self.exc[k] = v;
+            self.cum[k + 1] = self.cum[k] + if v > 0.0 { v } else { 0.0 };
+            self.pmax[k + 1] = if v > self.pmax[k] { v } else { self.pmax[k] };
         }
         for k in (0..n).rev() {
-            let v = excess(self.prefix[k + 1], k, n, guard);
-            self.smax[k] = self.smax[k + 1].max(v);
+            let v = self.exc[k];
+            self.smax[k] = if v > self.smax[k + 1] {
+                v
+            } else {
+                self.smax[k + 1]
+            };
         }
         self.base = Eval {
             phi: self.cum[n],
-            worst,
+            worst: self.pmax[n],
         };
         self.base
     }

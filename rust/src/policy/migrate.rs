@@ -158,6 +158,12 @@ struct State {
     cost: i64,
     /// Node of every expert.
     node_of_expert: Vec<usize>,
+    /// Per node: bumped whenever a slot of the node, or the replica count of
+    /// an expert of the node, changes (what the repair's caches depend on).
+    gen: Vec<u64>,
+    /// Whether every replica lies on its expert's node, so that a node's
+    /// experts change only with its own slots (else the caches are off).
+    local: bool,
 }
 
 /// A change of the placement.
@@ -193,6 +199,19 @@ struct SideItem {
     loss: i64,
 }
 
+/// The candidate moves of one rank pair, as `pair_candidates` found them.
+#[derive(Clone, Copy)]
+struct PairEntry {
+    a: usize,
+    b: usize,
+    retarget: bool,
+    gen: u64,
+    /// The pair's loads (bits).
+    loads: (u64, u64),
+    len: usize,
+    cands: [(Move, i64); 9],
+}
+
 /// Reused buffers of the repair loop.
 #[derive(Default)]
 struct Scratch {
@@ -203,6 +222,8 @@ struct Scratch {
     node_bound: Vec<(f64, usize)>,
     /// Per node: sorted positions of its heaviest and lightest rank.
     node_span: Vec<(usize, usize)>,
+    /// Violated prefix boundaries: (prefix length - 1, excess).
+    violated: Vec<(usize, f64)>,
     batch: Vec<Move>,
     one: Vec<(usize, f64)>,
     pairs: Vec<(usize, usize)>,
@@ -210,13 +231,14 @@ struct Scratch {
     scored: Vec<((u8, f64), Move)>,
     /// Per node: its best scored move.
     node_best: Vec<Option<((u8, f64), Move)>>,
-    /// Distinct experts of the ranks seen in this step (`side_at`, `side_len`
-    /// per rank, valid when `side_step[r] == step`).
+    /// Distinct experts of every rank: `side[r * spr..][..side_len[r]]`,
+    /// valid while `side_gen[r]` is the generation of the rank's node.
     side: Vec<SideItem>,
-    side_at: Vec<usize>,
     side_len: Vec<usize>,
-    side_step: Vec<u64>,
-    step: u64,
+    side_gen: Vec<u64>,
+    /// Per node: candidate moves of its rank pairs, valid while the node's
+    /// generation and the pair's loads are the ones they were computed for.
+    pair_cache: Vec<Vec<PairEntry>>,
     gain_a: Vec<i64>,
     gain_b: Vec<i64>,
 }
@@ -481,6 +503,8 @@ impl Ctx<'_> {
             slot,
             cnt: vec![0; e_n],
             per: vec![0.0; e_n],
+            gen: vec![0; t.nodes],
+            local: false,
             on: vec![0; t.ranks * e_n],
             load: vec![0.0; t.ranks],
             cost: 0,
@@ -505,6 +529,11 @@ impl Ctx<'_> {
         for ((per, &w), &c) in st.per.iter_mut().zip(self.w).zip(&st.cnt) {
             *per = w / c as f64;
         }
+        st.local = st
+            .slot
+            .iter()
+            .enumerate()
+            .all(|(p, &x)| st.node_of_expert[x as usize] == self.node_of(self.rank_of(p)));
         self.recompute_loads(st);
     }
 
@@ -624,6 +653,9 @@ impl Ctx<'_> {
         }
         let r = self.rank_of(p);
         let e_n = self.e();
+        st.gen[self.node_of(r)] += 1;
+        st.gen[st.node_of_expert[x as usize]] += 1;
+        st.gen[st.node_of_expert[y as usize]] += 1;
         st.cost += self.loss(st, r, x as usize);
         st.on[r * e_n + x as usize] -= 1;
         st.cnt[x as usize] -= 1;
@@ -684,13 +716,20 @@ impl Ctx<'_> {
             let list = &sc.by_node[node * g..(node + 1) * g];
             (sorted.pos[list[0]], sorted.pos[list[g - 1]])
         }));
-        for k in 0..n.saturating_sub(1) {
-            let v = sorted.prefix[k + 1] - self.guard.cap[k];
-            if v <= 0.0 {
-                continue;
-            }
-            for (bound, &(first, last)) in sc.node_bound.iter_mut().zip(&sc.node_span) {
-                if first <= k && k < last && v > bound.0 {
+        // Violated boundaries in order; per node the first most violated one
+        // its ranks straddle (a NaN excess never counts).
+        sc.violated.clear();
+        sc.violated.extend(
+            sorted.exc[..n.saturating_sub(1)]
+                .iter()
+                .enumerate()
+                .filter(|&(_, &v)| v > 0.0)
+                .map(|(k, &v)| (k, v)),
+        );
+        for (bound, &(first, last)) in sc.node_bound.iter_mut().zip(&sc.node_span) {
+            let from = sc.violated.partition_point(|&(k, _)| k < first);
+            for &(k, v) in sc.violated[from..].iter().take_while(|&&(k, _)| k < last) {
+                if v > bound.0 {
                     *bound = (v, k);
                 }
             }
@@ -728,13 +767,22 @@ impl Ctx<'_> {
         sc: &mut Scratch,
     ) -> bool {
         self.pairs(st, sorted, focus, sc);
-        sc.step += 1;
-        sc.side.clear();
         let ranks = self.topo.ranks;
-        if sc.side_step.len() != ranks {
-            sc.side_step = vec![0; ranks];
-            sc.side_at = vec![0; ranks];
+        if sc.side_gen.len() != ranks {
+            sc.side = vec![
+                SideItem {
+                    slot: 0,
+                    expert: 0,
+                    per: 0.0,
+                    cnt: 0,
+                    on: 0,
+                    loss: 0,
+                };
+                ranks * self.spr()
+            ];
             sc.side_len = vec![0; ranks];
+            sc.side_gen = vec![u64::MAX; ranks];
+            sc.pair_cache = vec![Vec::new(); self.topo.nodes];
         }
         sc.cands.clear();
         for i in 0..sc.pairs.len() {
@@ -821,10 +869,27 @@ impl Ctx<'_> {
         if d <= 0.0 {
             return;
         }
+        // The candidates depend only on the node's slots and counts (its
+        // generation) and on the pair's loads.
+        let node = self.node_of(a);
+        let gen = st.gen[node];
+        let loads = (la.to_bits(), lb.to_bits());
+        if st.local {
+            let hit = sc.pair_cache[node]
+                .iter()
+                .find(|e| e.a == a && e.b == b && e.retarget == retarget && e.gen == gen)
+                .filter(|e| e.loads == loads)
+                .copied();
+            if let Some(e) = hit {
+                sc.cands.extend_from_slice(&e.cands[..e.len]);
+                return;
+            }
+        }
         self.side(st, a, sc);
         self.side(st, b, sc);
-        let side_a = &sc.side[sc.side_at[a]..sc.side_at[a] + sc.side_len[a]];
-        let side_b = &sc.side[sc.side_at[b]..sc.side_at[b] + sc.side_len[b]];
+        let spr = self.spr();
+        let side_a = &sc.side[a * spr..a * spr + sc.side_len[a]];
+        let side_b = &sc.side[b * spr..b * spr + sc.side_len[b]];
         // Cost changes of each rank gaining one copy of the other's experts.
         sc.gain_b.clear();
         sc.gain_b
@@ -884,34 +949,54 @@ impl Ctx<'_> {
                 }
             }
         }
-        sc.cands
-            .extend(best.iter().flatten().flatten().map(|&(_, m, dc)| (m, dc)));
+        let mut entry = PairEntry {
+            a,
+            b,
+            retarget,
+            gen,
+            loads,
+            len: 0,
+            cands: [(Move::Swap(0, 0), 0); 9],
+        };
+        for &(_, m, dc) in best.iter().flatten().flatten() {
+            entry.cands[entry.len] = (m, dc);
+            entry.len += 1;
+        }
+        sc.cands.extend_from_slice(&entry.cands[..entry.len]);
+        if st.local {
+            let cache = &mut sc.pair_cache[node];
+            cache.retain(|e| e.gen == gen && !(e.a == a && e.b == b && e.retarget == retarget));
+            cache.push(entry);
+        }
     }
 
-    /// Caches one entry per distinct expert of rank `r` for this step.
+    /// Caches one entry per distinct expert of rank `r` (kept while the
+    /// rank's node is unchanged).
     fn side(&self, st: &State, r: usize, sc: &mut Scratch) {
-        if sc.side_step[r] == sc.step {
+        let gen = st.gen[self.node_of(r)];
+        if st.local && sc.side_gen[r] == gen {
             return;
         }
-        sc.side_step[r] = sc.step;
-        sc.side_at[r] = sc.side.len();
+        sc.side_gen[r] = gen;
         let spr = self.spr();
+        let mut len = 0;
         let row = &st.slot[r * spr..(r + 1) * spr];
         for (i, &xv) in row.iter().enumerate() {
             if row[..i].contains(&xv) {
                 continue;
             }
             let x = xv as usize;
-            sc.side.push(SideItem {
+            sc.side[r * spr + len] = SideItem {
                 slot: r * spr + i,
                 expert: x,
                 per: self.per(st, x),
                 cnt: st.cnt[x],
                 on: self.on(st, r, x),
                 loss: self.loss(st, r, x),
-            });
+            };
+            len += 1;
         }
-        sc.side_len[r] = sc.side.len() - sc.side_at[r];
+        sc.side_len[r] = len;
     }
 
     // ------------------------------------------------------------- escalation
