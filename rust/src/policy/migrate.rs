@@ -212,6 +212,27 @@ struct PairEntry {
     cands: [(Move, i64); 9],
 }
 
+/// The best move of a rank pair per kind and cost class: the first offered
+/// with the smallest score (`at`: side indices and cost).
+#[derive(Default)]
+struct Best {
+    set: [[bool; 3]; 3],
+    score: [[f64; 3]; 3],
+    at: [[(usize, usize, i64); 3]; 3],
+}
+
+impl Best {
+    #[inline(always)]
+    fn offer(&mut self, kind: usize, dc: i64, score: f64, i: usize, j: usize) {
+        let class = dc.clamp(0, 2) as usize;
+        if !self.set[kind][class] || score < self.score[kind][class] {
+            self.set[kind][class] = true;
+            self.score[kind][class] = score;
+            self.at[kind][class] = (i, j, dc);
+        }
+    }
+}
+
 /// Reused buffers of the repair loop.
 #[derive(Default)]
 struct Scratch {
@@ -875,11 +896,9 @@ impl Ctx<'_> {
         let gen = st.gen[node];
         let loads = (la.to_bits(), lb.to_bits());
         if st.local {
-            let hit = sc.pair_cache[node]
-                .iter()
-                .find(|e| e.a == a && e.b == b && e.retarget == retarget && e.gen == gen)
-                .filter(|e| e.loads == loads)
-                .copied();
+            let hit = sc.pair_cache[node].iter().find(|e| {
+                e.a == a && e.b == b && e.retarget == retarget && e.gen == gen && e.loads == loads
+            });
             if let Some(e) = hit {
                 sc.cands.extend_from_slice(&e.cands[..e.len]);
                 return;
@@ -897,26 +916,19 @@ impl Ctx<'_> {
         sc.gain_a.clear();
         sc.gain_a
             .extend(side_b.iter().map(|y| self.gain(st, a, y.expert)));
-        // best[kind][cost class]: (score, move, cost); costs <= 0 share class 0.
-        let mut best: [[Option<(f64, Move, i64)>; 3]; 3] = [[None; 3]; 3];
-        let mut offer = |kind: usize, dc: i64, score: f64, m: Move| {
-            let cell = &mut best[kind][dc.clamp(0, 2) as usize];
-            if cell.map_or(true, |(s, _, _)| score < s) {
-                *cell = Some((score, m, dc));
-            }
-        };
-        for (i, xa) in side_a.iter().enumerate() {
-            let gain_b = sc.gain_b[i];
-            for (j, yb) in side_b.iter().enumerate() {
+        // Per kind and cost class (costs <= 0 share class 0): the first move
+        // with the smallest score.
+        let mut best = Best::default();
+        for (i, (xa, &gain_b)) in side_a.iter().zip(&sc.gain_b).enumerate() {
+            for (j, (yb, &gain_a)) in side_b.iter().zip(&sc.gain_a).enumerate() {
                 if xa.expert == yb.expert {
                     continue;
                 }
-                let gain_a = sc.gain_a[j];
                 // a gives x, takes y.
                 let delta = xa.per - yb.per;
                 if delta > 0.0 && delta < d {
                     let dc = xa.loss + gain_a + yb.loss + gain_b;
-                    offer(0, dc, (d - 2.0 * delta).abs(), Move::Swap(xa.slot, yb.slot));
+                    best.offer(0, dc, (d - 2.0 * delta).abs(), i, j);
                 }
                 if !retarget {
                     continue;
@@ -926,26 +938,14 @@ impl Ctx<'_> {
                     let nx = self.w[xa.expert] / (xa.cnt + 1) as f64;
                     let na = la - xa.on as f64 * (xa.per - nx);
                     let nb = lb - yb.per + nx;
-                    let dc = yb.loss + gain_b;
-                    offer(
-                        1,
-                        dc,
-                        (na - nb).abs(),
-                        Move::Retarget(yb.slot, xa.expert as u32),
-                    );
+                    best.offer(1, yb.loss + gain_b, (na - nb).abs(), i, j);
                 }
                 // a's slot (a redundant replica of x) becomes another replica of y.
                 if xa.cnt >= 2 {
                     let ny = self.w[yb.expert] / (yb.cnt + 1) as f64;
                     let na = la - xa.per + ny;
                     let nb = lb - yb.on as f64 * (yb.per - ny);
-                    let dc = xa.loss + gain_a;
-                    offer(
-                        2,
-                        dc,
-                        (na - nb).abs(),
-                        Move::Retarget(xa.slot, yb.expert as u32),
-                    );
+                    best.offer(2, xa.loss + gain_a, (na - nb).abs(), i, j);
                 }
             }
         }
@@ -958,9 +958,21 @@ impl Ctx<'_> {
             len: 0,
             cands: [(Move::Swap(0, 0), 0); 9],
         };
-        for &(_, m, dc) in best.iter().flatten().flatten() {
-            entry.cands[entry.len] = (m, dc);
-            entry.len += 1;
+        for kind in 0..3 {
+            for class in 0..3 {
+                if !best.set[kind][class] {
+                    continue;
+                }
+                let (i, j, dc) = best.at[kind][class];
+                let (xa, yb) = (&side_a[i], &side_b[j]);
+                let m = match kind {
+                    0 => Move::Swap(xa.slot, yb.slot),
+                    1 => Move::Retarget(yb.slot, xa.expert as u32),
+                    _ => Move::Retarget(xa.slot, yb.expert as u32),
+                };
+                entry.cands[entry.len] = (m, dc);
+                entry.len += 1;
+            }
         }
         sc.cands.extend_from_slice(&entry.cands[..entry.len]);
         if st.local {
