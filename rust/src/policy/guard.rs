@@ -121,22 +121,27 @@ impl Sorted {
         }
         // Comparisons instead of `f64::max`: the same values (a NaN excess
         // counts as none), without its NaN handling in the loop.
-        let mut sum = 0.0;
+        // Running values stay in registers (no store-to-load chains).
+        let (mut sum, mut cum, mut pmax) = (0.0, 0.0, f64::NEG_INFINITY);
         for k in 0..n {
             sum += self.vals[k];
             self.prefix[k + 1] = sum;
             let v = excess(sum, k, n, guard);
             self.exc[k] = v;
-            self.cum[k + 1] = self.cum[k] + if v > 0.0 { v } else { 0.0 };
-            self.pmax[k + 1] = if v > self.pmax[k] { v } else { self.pmax[k] };
+            cum += if v > 0.0 { v } else { 0.0 };
+            self.cum[k + 1] = cum;
+            if v > pmax {
+                pmax = v;
+            }
+            self.pmax[k + 1] = pmax;
         }
+        let mut smax = f64::NEG_INFINITY;
         for k in (0..n).rev() {
             let v = self.exc[k];
-            self.smax[k] = if v > self.smax[k + 1] {
-                v
-            } else {
-                self.smax[k + 1]
-            };
+            if v > smax {
+                smax = v;
+            }
+            self.smax[k] = smax;
         }
         self.base = Eval {
             phi: self.cum[n],
