@@ -57,33 +57,43 @@ const POLISH_PASSES: usize = 1;
 ///
 /// `relabeled` is the relabeled stock placement of this layer; `stock_sorted`
 /// its rank loads in descending order.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn search(
     topo: &Topology,
     w: &[f64],
     old: &[i64],
+    old_has: &Presence,
     stock_sorted: &[f64],
     max_imbalance: f64,
     relabeled: &[usize],
     relabel_cost: usize,
+    work: &mut Work,
 ) -> Option<Vec<usize>> {
-    let old_has = Presence::of(topo, old);
     let guard = Guard::new(stock_sorted, max_imbalance);
     let gs = topo.experts_per_group();
     let spr = topo.slots_per_rank();
-    let mut stock_node_of_group = vec![0usize; topo.groups];
+    let Work {
+        tables,
+        w32,
+        stock_node_of_group,
+        state: st,
+        sorted,
+        sc,
+        start,
+    } = work;
     for (p, &e) in relabeled.iter().enumerate() {
         stock_node_of_group[e / gs] = topo.node_of_rank(p / spr);
     }
+    w32.clear();
+    w32.extend(w.iter().map(|&v| (v + 0.0) as f32));
     let ctx = Ctx {
         topo,
-        rank_of_slot: (0..topo.slots).map(|p| (p / spr) as u32).collect(),
-        node_of_rank: (0..topo.ranks)
-            .map(|r| topo.node_of_rank(r) as u32)
-            .collect(),
+        rank_of_slot: &tables.rank_of_slot,
+        node_of_rank: &tables.node_of_rank,
         w,
-        w32: w.iter().map(|&v| (v + 0.0) as f32).collect(),
+        w32,
         old,
-        old_has: &old_has,
+        old_has,
         guard: &guard,
         relabeled,
         stock_node_of_group,
@@ -94,13 +104,13 @@ pub(crate) fn search(
         if assignment.lower_bound >= best_cost {
             continue;
         }
-        let mut st = ctx.start(&assignment.node_of_group);
-        if !ctx.repair(&mut st) {
+        ctx.start(&assignment.node_of_group, st, start);
+        if !ctx.repair(st, sorted, sc) {
             continue;
         }
         // Exchanges update two loads incrementally; start polish from exact ones.
-        ctx.recompute_loads(&mut st);
-        ctx.polish(&mut st);
+        ctx.recompute_loads(st);
+        ctx.polish(st, sorted);
         if st.cost >= best_cost {
             continue;
         }
@@ -119,6 +129,71 @@ pub(crate) fn search(
     best
 }
 
+/// Per-thread buffers of the search, kept across the layers of one topology.
+pub(crate) struct Work {
+    tables: Tables,
+    w32: Vec<f32>,
+    stock_node_of_group: Vec<usize>,
+    state: State,
+    sorted: Sorted,
+    sc: Scratch,
+    start: StartBufs,
+}
+
+impl Work {
+    pub(crate) fn new(topo: &Topology) -> Self {
+        let spr = topo.slots_per_rank();
+        Work {
+            tables: Tables {
+                rank_of_slot: (0..topo.slots).map(|p| (p / spr) as u32).collect(),
+                node_of_rank: (0..topo.ranks)
+                    .map(|r| topo.node_of_rank(r) as u32)
+                    .collect(),
+            },
+            w32: Vec::with_capacity(topo.experts),
+            stock_node_of_group: vec![0; topo.groups],
+            state: State {
+                slot: vec![0; topo.slots],
+                cnt: vec![0; topo.experts],
+                per: vec![0.0; topo.experts],
+                on: vec![0; topo.ranks * topo.experts],
+                load: vec![0.0; topo.ranks],
+                cost: 0,
+                node_of_expert: vec![0; topo.experts],
+                gen: vec![0; topo.nodes],
+                local: false,
+            },
+            sorted: Sorted::new(topo.ranks),
+            sc: Scratch::default(),
+            start: StartBufs::default(),
+        }
+    }
+}
+
+/// Rank of every slot and node of every rank (no divisions in the loops).
+struct Tables {
+    rank_of_slot: Vec<u32>,
+    node_of_rank: Vec<u32>,
+}
+
+/// Buffers of `start`.
+#[derive(Default)]
+struct StartBufs {
+    /// Experts of each node in id order: `experts[node_at[n]..node_at[n + 1]]`.
+    experts: Vec<usize>,
+    node_at: Vec<usize>,
+    p2l: Vec<usize>,
+    c: Vec<u32>,
+    node_w: Vec<f32>,
+    at: Vec<usize>,
+    keep: Vec<(usize, usize)>,
+    prelim: Vec<f64>,
+    kept: Vec<u32>,
+    load: Vec<f64>,
+    free_of: Vec<Vec<usize>>,
+    items: Vec<usize>,
+}
+
 /// A node assignment of the expert groups, with a lower bound on its cost.
 struct NodeAssignment {
     node_of_group: Vec<usize>,
@@ -128,21 +203,20 @@ struct NodeAssignment {
 struct Ctx<'a> {
     topo: &'a Topology,
     /// Rank of every slot and node of every rank (no divisions in the loops).
-    rank_of_slot: Vec<u32>,
-    node_of_rank: Vec<u32>,
+    rank_of_slot: &'a [u32],
+    node_of_rank: &'a [u32],
     w: &'a [f64],
     /// Loads in single precision, for stock's replication rule.
-    w32: Vec<f32>,
+    w32: &'a [f32],
     old: &'a [i64],
     old_has: &'a Presence,
     guard: &'a Guard,
     relabeled: &'a [usize],
     /// Node of each group in the relabeled stock placement.
-    stock_node_of_group: Vec<usize>,
+    stock_node_of_group: &'a [usize],
 }
 
 /// A placement under construction with the bookkeeping of its cost and loads.
-#[derive(Clone)]
 struct State {
     /// Expert of every slot.
     slot: Vec<u32>,
@@ -233,6 +307,31 @@ impl Best {
     }
 }
 
+impl Scratch {
+    /// Empties the caches for a new repair (buffers are kept).
+    fn reset(&mut self, topo: &Topology, spr: usize) {
+        let ranks = topo.ranks;
+        if self.side_gen.len() != ranks {
+            self.side = vec![
+                SideItem {
+                    slot: 0,
+                    expert: 0,
+                    per: 0.0,
+                    cnt: 0,
+                    on: 0,
+                    loss: 0,
+                };
+                ranks * spr
+            ];
+            self.side_len = vec![0; ranks];
+            self.side_gen = vec![u64::MAX; ranks];
+            self.pair_cache = vec![Vec::new(); topo.nodes];
+        }
+        self.side_gen.iter_mut().for_each(|x| *x = u64::MAX);
+        self.pair_cache.iter_mut().for_each(|c| c.clear());
+    }
+}
+
 /// Reused buffers of the repair loop.
 #[derive(Default)]
 struct Scratch {
@@ -262,6 +361,7 @@ struct Scratch {
     pair_cache: Vec<Vec<PairEntry>>,
     gain_a: Vec<i64>,
     gain_b: Vec<i64>,
+    assigner: Assigner,
 }
 
 impl Ctx<'_> {
@@ -338,8 +438,8 @@ impl Ctx<'_> {
                 }
             }
         }
-        if !cands.contains(&self.stock_node_of_group) {
-            cands.push(self.stock_node_of_group.clone());
+        if !cands.iter().any(|a| a[..] == self.stock_node_of_group[..]) {
+            cands.push(self.stock_node_of_group.to_vec());
         }
         let mut out: Vec<NodeAssignment> = cands
             .into_iter()
@@ -393,28 +493,49 @@ impl Ctx<'_> {
 
     // ------------------------------------------------------------------ start
 
-    /// The starting placement for a node assignment (see the module docs).
-    fn start(&self, node_of_group: &[usize]) -> State {
+    /// Writes the starting placement for a node assignment into `st` (see
+    /// the module docs).
+    fn start(&self, node_of_group: &[usize], st: &mut State, b: &mut StartBufs) {
         let t = self.topo;
         let e_n = self.e();
         let spr = self.spr();
         let g = self.g();
         let gs = t.experts_per_group();
-        let node_of_expert: Vec<usize> = (0..e_n).map(|e| node_of_group[e / gs]).collect();
-        // Experts of each node, in id order.
-        let mut experts_of: Vec<Vec<usize>> = vec![Vec::new(); t.nodes];
-        for (e, &n) in node_of_expert.iter().enumerate() {
-            experts_of[n].push(e);
+        // `on` is zero except where the previous state's slots put copies.
+        for (&r, &x) in self.rank_of_slot.iter().zip(&st.slot) {
+            st.on[r as usize * e_n + x as usize] = 0;
+        }
+        for (e, n) in st.node_of_expert.iter_mut().enumerate() {
+            *n = node_of_group[e / gs];
+        }
+        let node_of_expert = &st.node_of_expert;
+        // Experts of each node, in id order (a counting sort).
+        b.node_at.clear();
+        b.node_at.resize(t.nodes + 1, 0);
+        for &n in node_of_expert {
+            b.node_at[n + 1] += 1;
+        }
+        for n in 0..t.nodes {
+            b.node_at[n + 1] += b.node_at[n];
+        }
+        b.experts.clear();
+        b.experts.resize(e_n, 0);
+        {
+            let mut fill = b.node_at.clone();
+            for (e, &n) in node_of_expert.iter().enumerate() {
+                b.experts[fill[n]] = e;
+                fill[n] += 1;
+            }
         }
         // Replica counts by stock's rule, per node.
-        let mut cnt = vec![0u32; e_n];
-        let (mut p2l, mut c, mut node_w) = (Vec::new(), Vec::new(), Vec::new());
-        for experts in &experts_of {
-            node_w.clear();
-            node_w.extend(experts.iter().map(|&e| self.w32[e]));
-            replicate(&node_w, t.slots / t.nodes, &mut p2l, &mut c);
+        let cnt = &mut st.cnt;
+        for n in 0..t.nodes {
+            let experts = &b.experts[b.node_at[n]..b.node_at[n + 1]];
+            b.node_w.clear();
+            b.node_w.extend(experts.iter().map(|&e| self.w32[e]));
+            replicate(&b.node_w, t.slots / t.nodes, &mut b.p2l, &mut b.c);
             for (i, &e) in experts.iter().enumerate() {
-                cnt[e] = c[i];
+                cnt[e] = b.c[i];
             }
         }
         // Old replicas that may stay (on a rank of their expert's node),
@@ -422,7 +543,9 @@ impl Ctx<'_> {
         let stays = |p: usize, v: i64| {
             v >= 0 && node_of_expert[v as usize] == self.node_of(self.rank_of(p))
         };
-        let mut at = vec![0usize; e_n + 1];
+        let at = &mut b.at;
+        at.clear();
+        at.resize(e_n + 1, 0);
         for (p, &v) in self.old.iter().enumerate() {
             if stays(p, v) {
                 at[v as usize + 1] += 1;
@@ -431,7 +554,9 @@ impl Ctx<'_> {
         for x in 0..e_n {
             at[x + 1] += at[x];
         }
-        let mut keep = vec![(0usize, 0usize); at[e_n]];
+        let keep = &mut b.keep;
+        keep.clear();
+        keep.resize(at[e_n], (0, 0));
         for (p, &v) in self.old.iter().enumerate() {
             if stays(p, v) {
                 let x = v as usize;
@@ -439,13 +564,18 @@ impl Ctx<'_> {
                 at[x] += 1;
             }
         }
-        let mut prelim = vec![0.0f64; t.ranks];
-        for &(x, p) in &keep {
-            prelim[p / spr] += self.w[x] / cnt[x] as f64;
+        let prelim = &mut b.prelim;
+        prelim.clear();
+        prelim.resize(t.ranks, 0.0);
+        for &(x, p) in keep.iter() {
+            prelim[self.rank_of(p)] += self.w[x] / cnt[x] as f64;
         }
         const FREE: u32 = u32::MAX;
-        let mut slot = vec![FREE; t.slots];
-        let mut kept = vec![0u32; e_n];
+        let slot = &mut st.slot;
+        slot.iter_mut().for_each(|s| *s = FREE);
+        let kept = &mut b.kept;
+        kept.clear();
+        kept.resize(e_n, 0);
         let mut i = 0;
         while i < keep.len() {
             let x = keep[i].0;
@@ -457,19 +587,21 @@ impl Ctx<'_> {
             // heaviest rank (dropped entries move to the end of `list`).
             while len > cnt[x] as usize {
                 let live = &list[..len];
-                let dup = (0..len)
-                    .rev()
-                    .find(|&j| live[..j].iter().any(|q| q.1 / spr == live[j].1 / spr));
+                let dup = (0..len).rev().find(|&j| {
+                    live[..j]
+                        .iter()
+                        .any(|q| self.rank_of(q.1) == self.rank_of(live[j].1))
+                });
                 let j = dup.unwrap_or_else(|| {
                     (0..len)
                         .max_by(|&a, &b| {
-                            prelim[live[a].1 / spr]
-                                .total_cmp(&prelim[live[b].1 / spr])
+                            prelim[self.rank_of(live[a].1)]
+                                .total_cmp(&prelim[self.rank_of(live[b].1)])
                                 .then(a.cmp(&b))
                         })
                         .unwrap_or(0)
                 });
-                prelim[list[j].1 / spr] -= per;
+                prelim[self.rank_of(list[j].1)] -= per;
                 list[j..len].rotate_left(1);
                 len -= 1;
             }
@@ -481,19 +613,26 @@ impl Ctx<'_> {
         }
         // Pack the missing replicas of each node, heaviest first, onto its
         // lightest ranks with a free slot.
-        for (n, experts) in experts_of.iter().enumerate() {
+        b.free_of.resize(g, Vec::new());
+        for n in 0..t.nodes {
+            let experts = &b.experts[b.node_at[n]..b.node_at[n + 1]];
             let ranks = n * g..(n + 1) * g;
-            let mut load = vec![0.0f64; g];
-            let mut free_of: Vec<Vec<usize>> = vec![Vec::new(); g];
+            let load = &mut b.load;
+            load.clear();
+            load.resize(g, 0.0);
+            let free_of = &mut b.free_of;
+            free_of.iter_mut().for_each(|f| f.clear());
             for p in (ranks.start * spr..ranks.end * spr).rev() {
+                let k = self.rank_of(p) - ranks.start;
                 if slot[p] == FREE {
-                    free_of[p / spr - ranks.start].push(p);
+                    free_of[k].push(p);
                 } else {
                     let x = slot[p] as usize;
-                    load[p / spr - ranks.start] += self.w[x] / cnt[x] as f64;
+                    load[k] += self.w[x] / cnt[x] as f64;
                 }
             }
-            let mut items: Vec<usize> = Vec::new();
+            let items = &mut b.items;
+            items.clear();
             for &x in experts {
                 items.extend(std::iter::repeat(x).take((cnt[x] - kept[x]) as usize));
             }
@@ -502,7 +641,7 @@ impl Ctx<'_> {
                 let lb = self.w[b] / cnt[b] as f64;
                 lb.total_cmp(&la).then(a.cmp(&b))
             });
-            for &x in &items {
+            for &x in items.iter() {
                 let lightest = (0..g)
                     .filter(|&i| !free_of[i].is_empty())
                     .min_by(|&i, &j| load[i].total_cmp(&load[j]).then(i.cmp(&j)));
@@ -520,19 +659,10 @@ impl Ctx<'_> {
                 *s = 0;
             }
         }
-        let mut st = State {
-            slot,
-            cnt: vec![0; e_n],
-            per: vec![0.0; e_n],
-            gen: vec![0; t.nodes],
-            local: false,
-            on: vec![0; t.ranks * e_n],
-            load: vec![0.0; t.ranks],
-            cost: 0,
-            node_of_expert,
-        };
-        self.count(&mut st);
-        st
+        st.cnt.iter_mut().for_each(|c| *c = 0);
+        st.gen.iter_mut().for_each(|x| *x = 0);
+        st.cost = 0;
+        self.count(st);
     }
 
     /// Computes counts, presence, cost and loads of a fresh state (all zero)
@@ -691,21 +821,20 @@ impl Ctx<'_> {
     // ----------------------------------------------------------------- repair
 
     /// Applies moves until the guard holds; false if it gets stuck.
-    fn repair(&self, st: &mut State) -> bool {
-        let mut sorted = Sorted::new(self.topo.ranks);
-        let mut sc = Scratch::default();
+    fn repair(&self, st: &mut State, sorted: &mut Sorted, sc: &mut Scratch) -> bool {
+        sc.reset(self.topo, self.spr());
         let mut escalations = 0;
         for _ in 0..2 * self.topo.slots + 16 {
             let ev = sorted.update(&st.load, self.guard);
             if ev.worst <= 0.0 {
                 return true;
             }
-            if self.step(st, &mut sorted, ev, FOCUS, false, &mut sc)
-                || self.step(st, &mut sorted, ev, WIDE_FOCUS, true, &mut sc)
+            if self.step(st, sorted, ev, FOCUS, false, sc)
+                || self.step(st, sorted, ev, WIDE_FOCUS, true, sc)
             {
                 continue;
             }
-            if escalations < MAX_ESCALATIONS && self.escalate(st, &mut sorted, ev, &mut sc) {
+            if escalations < MAX_ESCALATIONS && self.escalate(st, sorted, ev, sc) {
                 escalations += 1;
                 continue;
             }
@@ -788,23 +917,6 @@ impl Ctx<'_> {
         sc: &mut Scratch,
     ) -> bool {
         self.pairs(st, sorted, focus, sc);
-        let ranks = self.topo.ranks;
-        if sc.side_gen.len() != ranks {
-            sc.side = vec![
-                SideItem {
-                    slot: 0,
-                    expert: 0,
-                    per: 0.0,
-                    cnt: 0,
-                    on: 0,
-                    loss: 0,
-                };
-                ranks * self.spr()
-            ];
-            sc.side_len = vec![0; ranks];
-            sc.side_gen = vec![u64::MAX; ranks];
-            sc.pair_cache = vec![Vec::new(); self.topo.nodes];
-        }
         sc.cands.clear();
         for i in 0..sc.pairs.len() {
             let (a, b) = sc.pairs[i];
@@ -1021,7 +1133,7 @@ impl Ctx<'_> {
         let items = g * self.spr();
         // `pairs` left each node's worst straddled boundary in `node_bound`.
         self.pairs(st, sorted, 1, sc);
-        let mut assigner = Assigner::default();
+        let mut assigner = std::mem::take(&mut sc.assigner);
         let mut best: Option<(f64, usize, Vec<u32>)> = None;
         for node in 0..self.topo.nodes {
             if sc.node_bound[node].1 == usize::MAX {
@@ -1041,6 +1153,7 @@ impl Ctx<'_> {
                 }
             }
         }
+        sc.assigner = assigner;
         match best {
             Some((_, node, plan)) => {
                 let base = node * items;
@@ -1202,11 +1315,10 @@ impl Ctx<'_> {
 
     /// Gives slots back to experts their rank held before wherever the guard
     /// still holds afterwards.
-    fn polish(&self, st: &mut State) {
+    fn polish(&self, st: &mut State, sorted: &mut Sorted) {
         let t = self.topo;
         let spr = self.spr();
         let g = self.g();
-        let mut sorted = Sorted::new(t.ranks);
         for _ in 0..POLISH_PASSES {
             let mut improved = false;
             sorted.update(&st.load, self.guard);
@@ -1237,7 +1349,7 @@ impl Ctx<'_> {
                         }
                     };
                     if st.cnt[x] >= 2 {
-                        try_move(Move::Retarget(p, y as u32), st, &mut sorted);
+                        try_move(Move::Retarget(p, y as u32), st, sorted);
                     }
                     for r in node * g..(node + 1) * g {
                         if r == a || self.on(st, r, y) == 0 {
@@ -1246,7 +1358,7 @@ impl Ctx<'_> {
                         if let Some(pb) =
                             (r * spr..(r + 1) * spr).find(|&s| st.slot[s] as usize == y)
                         {
-                            try_move(Move::Swap(p, pb), st, &mut sorted);
+                            try_move(Move::Swap(p, pb), st, sorted);
                         }
                     }
                 }
