@@ -348,7 +348,6 @@ struct Scratch {
     one: Vec<(usize, f64)>,
     pairs: Vec<(usize, usize)>,
     cands: Vec<(Move, i64)>,
-    scored: Vec<((u8, f64), Move)>,
     /// Per node: its best scored move.
     node_best: Vec<Option<((u8, f64), Move)>>,
     /// Distinct experts of every rank: `side[r * spr..][..side_len[r]]`,
@@ -922,26 +921,43 @@ impl Ctx<'_> {
             let (a, b) = sc.pairs[i];
             self.pair_candidates(st, a, b, retarget, sc);
         }
-        sc.scored.clear();
-        for &(m, dc) in &sc.cands {
-            self.move_loads(st, m, &mut sorted.changes);
-            if let Some(key) = self.key(ev.phi - sorted.phi(self.guard), dc) {
-                sc.scored.push((key, m));
-            }
-        }
-        // The best move, plus the best of every other node: moves of
-        // different nodes change disjoint ranks, so their load changes simply
-        // add up and one evaluation of the sum decides. Ties keep candidate
-        // order.
+        // Each node's best move (ties keep candidate order). Moves that
+        // receive nothing rank before all others, so a node's moves that do
+        // are scored only when none of the free ones helps.
         let better = |a: (u8, f64), b: (u8, f64)| a.0 < b.0 || (a.0 == b.0 && a.1 < b.1);
         sc.node_best.clear();
         sc.node_best.resize(self.topo.nodes, None);
-        for &(key, m) in &sc.scored {
-            let cell = &mut sc.node_best[self.node_of(self.rank_of(m.slot()))];
-            if cell.map_or(true, |(k, _)| better(key, k)) {
-                *cell = Some((key, m));
+        let mut from = 0;
+        while from < sc.cands.len() {
+            // The candidates of one node are consecutive (pairs go by node).
+            let node = self.node_of(self.rank_of(sc.cands[from].0.slot()));
+            let to = from
+                + sc.cands[from..]
+                    .iter()
+                    .take_while(|c| self.node_of(self.rank_of(c.0.slot())) == node)
+                    .count();
+            for free in [true, false] {
+                for &(m, dc) in &sc.cands[from..to] {
+                    if (dc <= 0) != free {
+                        continue;
+                    }
+                    self.move_loads(st, m, &mut sorted.changes);
+                    if let Some(key) = self.key(ev.phi - sorted.phi(self.guard), dc) {
+                        let cell = &mut sc.node_best[node];
+                        if cell.map_or(true, |(k, _)| better(key, k)) {
+                            *cell = Some((key, m));
+                        }
+                    }
+                }
+                if sc.node_best[node].is_some_and(|(k, _)| k.0 == 0) {
+                    break;
+                }
             }
+            from = to;
         }
+        // The best move, plus the best of every other node: moves of
+        // different nodes change disjoint ranks, so their load changes simply
+        // add up and one evaluation of the sum decides.
         let Some((first_key, first)) =
             sc.node_best
                 .iter()
