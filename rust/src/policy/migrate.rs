@@ -329,6 +329,7 @@ impl Scratch {
         }
         self.side_gen.iter_mut().for_each(|x| *x = u64::MAX);
         self.pair_cache.iter_mut().for_each(|c| c.clear());
+        self.esc.subst.iter_mut().for_each(|p| *p = None);
     }
 }
 
@@ -361,6 +362,22 @@ struct Scratch {
     gain_a: Vec<i64>,
     gain_b: Vec<i64>,
     assigner: Assigner,
+    esc: EscBufs,
+}
+
+/// Buffers of `escalate`.
+#[derive(Default)]
+struct EscBufs {
+    /// The state's replica counts (a copy to change and restore).
+    cnt: Vec<u32>,
+    /// Plans of the node being looked at, one after another.
+    plans: Vec<u32>,
+    /// Per node: stock's placement of its groups (made once per repair;
+    /// `Some(None)`: stock has no node with these groups).
+    subst: Vec<Option<Option<Vec<u32>>>>,
+    by_load: Vec<usize>,
+    load: Vec<f64>,
+    free_of: Vec<Vec<usize>>,
 }
 
 impl Ctx<'_> {
@@ -1147,68 +1164,102 @@ impl Ctx<'_> {
     fn escalate(&self, st: &mut State, sorted: &mut Sorted, ev: Eval, sc: &mut Scratch) -> bool {
         let g = self.g();
         let items = g * self.spr();
-        // `pairs` left each node's worst straddled boundary in `node_bound`.
-        self.pairs(st, sorted, 1, sc);
-        let mut assigner = std::mem::take(&mut sc.assigner);
-        let mut best: Option<(f64, usize, Vec<u32>)> = None;
+        // The failed steps' `pairs` left each node's worst straddled
+        // boundary in `node_bound` (the state has not changed since).
+        let mut esc = std::mem::take(&mut sc.esc);
+        esc.cnt.clear();
+        esc.cnt.extend_from_slice(&st.cnt);
+        if esc.subst.len() != self.topo.nodes {
+            esc.subst = vec![None; self.topo.nodes];
+        }
+        // (score, node, plan index in `esc.plans`)
+        let mut best: Option<(f64, usize, usize)> = None;
+        esc.plans.clear();
         for node in 0..self.topo.nodes {
             if sc.node_bound[node].1 == usize::MAX {
                 continue;
             }
-            let mut plans = self.plan_repacks(st, node);
-            plans.extend(self.plan_substitute(st, node, &mut assigner));
-            for plan in plans {
-                let dc = self.node_effect(st, node, &plan, &mut sorted.changes);
+            let first_plan = esc.plans.len();
+            self.plan_repacks(st, node, &mut esc);
+            // Stock's placement of the node's groups does not depend on the
+            // state: made once per repair.
+            if esc.subst[node].is_none() {
+                let plan = self.plan_substitute(st, node, &mut sc.assigner);
+                esc.subst[node] = Some(plan);
+            }
+            if let Some(Some(plan)) = &esc.subst[node] {
+                if plan[..] != st.slot[node * items..(node + 1) * items] {
+                    esc.plans.extend_from_slice(plan);
+                }
+            }
+            let count = (esc.plans.len() - first_plan) / items;
+            for k in 0..count {
+                let at = first_plan + k * items;
+                let dc = self.node_effect(
+                    st,
+                    node,
+                    &esc.plans[at..at + items],
+                    &mut esc.cnt,
+                    &mut sorted.changes,
+                );
                 let gain = ev.phi - sorted.phi(self.guard);
                 if gain <= self.guard.tiny {
                     continue;
                 }
                 let score = gain / dc.max(1) as f64;
                 if best.as_ref().map_or(true, |(s, _, _)| score > *s) {
-                    best = Some((score, node, plan));
+                    best = Some((score, node, at));
                 }
             }
         }
-        sc.assigner = assigner;
-        match best {
-            Some((_, node, plan)) => {
+        let applied = match best {
+            Some((_, node, at)) => {
                 let base = node * items;
-                for (i, &x) in plan.iter().enumerate() {
-                    self.set_slot(st, base + i, x);
+                for i in 0..items {
+                    self.set_slot(st, base + i, esc.plans[at + i]);
                 }
                 self.recompute_loads(st);
                 true
             }
             None => false,
-        }
+        };
+        sc.esc = esc;
+        applied
     }
 
-    /// The node's slots after taking its `m` lightest replicas out and putting
-    /// them back heaviest first, each on the lightest rank with a free slot (at
-    /// equal load, preferring a rank that needs no transfer), for `m` = ranks
-    /// per node, doubling while below the node's slots. Plans that move
-    /// nothing are left out.
-    fn plan_repacks(&self, st: &State, node: usize) -> Vec<Vec<u32>> {
+    /// Appends to `esc.plans` the node's slots after taking its `m` lightest
+    /// replicas out and putting them back heaviest first, each on the
+    /// lightest rank with a free slot (at equal load, preferring a rank that
+    /// needs no transfer), for `m` = ranks per node, doubling while below the
+    /// node's slots. Plans that move nothing are left out.
+    fn plan_repacks(&self, st: &State, node: usize, esc: &mut EscBufs) {
         let g = self.g();
         let spr = self.spr();
         let base = node * g * spr;
         let current: &[u32] = &st.slot[base..base + g * spr];
         let per = |i: usize| self.per(st, current[i] as usize);
         // Slots by replica load, lightest first (ties: expert, slot).
-        let mut by_load: Vec<usize> = (0..current.len()).collect();
+        let by_load = &mut esc.by_load;
+        by_load.clear();
+        by_load.extend(0..current.len());
         by_load.sort_unstable_by(|&p, &q| {
             per(p)
                 .total_cmp(&per(q))
                 .then(current[p].cmp(&current[q]))
                 .then(p.cmp(&q))
         });
-        let mut out = Vec::new();
+        esc.free_of.resize(g, Vec::new());
         let mut m = g;
         while m < current.len() {
             let taken = &by_load[..m];
-            let mut plan = current.to_vec();
-            let mut load: Vec<f64> = (node * g..(node + 1) * g).map(|r| st.load[r]).collect();
-            let mut free_of: Vec<Vec<usize>> = vec![Vec::new(); g];
+            let at = esc.plans.len();
+            esc.plans.extend_from_slice(current);
+            let plan = &mut esc.plans[at..];
+            let load = &mut esc.load;
+            load.clear();
+            load.extend((node * g..(node + 1) * g).map(|r| st.load[r]));
+            let free_of = &mut esc.free_of;
+            free_of.iter_mut().for_each(|f| f.clear());
             for &i in taken {
                 load[i / spr] -= per(i);
                 free_of[i / spr].push(i);
@@ -1236,12 +1287,11 @@ impl Ctx<'_> {
                     load[k] += per(i);
                 }
             }
-            if plan[..] != current[..] {
-                out.push(plan);
+            if plan[..] == current[..] {
+                esc.plans.truncate(at);
             }
             m *= 2;
         }
-        out
     }
 
     /// The node's slots taken from the relabeled stock placement of the same
@@ -1283,25 +1333,26 @@ impl Ctx<'_> {
                 plan[j * spr + k] = self.relabeled[src + k] as u32;
             }
         }
-        (plan[..] != st.slot[node * g * spr..(node + 1) * g * spr]).then_some(plan)
+        Some(plan)
     }
 
     /// Writes the node ranks' loads under `plan` into `changes`; returns the
-    /// plan's cost change. Replicas of the node's experts lie in the node, so
-    /// their counts follow from the plan alone.
+    /// plan's cost change. `cnt` holds the state's replica counts and is
+    /// back to them on return.
     fn node_effect(
         &self,
         st: &State,
         node: usize,
         plan: &[u32],
+        cnt: &mut [u32],
         changes: &mut Vec<(usize, f64)>,
     ) -> i64 {
         let g = self.g();
         let spr = self.spr();
         let base = node * g * spr;
-        let mut cnt = st.cnt.clone();
-        for p in 0..g * spr {
-            cnt[st.slot[base + p] as usize] -= 1;
+        let current = &st.slot[base..base + g * spr];
+        for &x in current {
+            cnt[x as usize] -= 1;
         }
         for &x in plan {
             cnt[x as usize] += 1;
@@ -1322,7 +1373,13 @@ impl Ctx<'_> {
                 .map(|&x| self.w[x as usize] / cnt[x as usize] as f64)
                 .sum();
             changes.push((r, load));
-            dc += received(r, row) - received(r, &st.slot[base + i * spr..base + (i + 1) * spr]);
+            dc += received(r, row) - received(r, &current[i * spr..(i + 1) * spr]);
+        }
+        for &x in plan {
+            cnt[x as usize] -= 1;
+        }
+        for &x in current {
+            cnt[x as usize] += 1;
         }
         dc
     }
