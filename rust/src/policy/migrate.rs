@@ -408,14 +408,37 @@ impl Ctx<'_> {
     /// Node assignments to try, cheapest bound first (old, group exchanges, stock's).
     fn node_candidates(&self, best_cost: i64) -> Vec<NodeAssignment> {
         let t = self.topo;
+        let gs = t.experts_per_group();
+        let g = self.g();
+        // Per group and node: the group's experts no rank of the node held
+        // (each must be received if the group goes there), and group loads.
+        // (made when first needed).
+        let node_has = self.old_has.unions(g);
+        let miss = std::cell::RefCell::new(vec![-1i64; t.groups * t.nodes]);
+        let lower_bound = |a: &[usize]| -> i64 {
+            let mut miss = miss.borrow_mut();
+            let mut lb = 0;
+            for (grp, &n) in a.iter().enumerate() {
+                let m = &mut miss[grp * t.nodes + n];
+                if *m < 0 {
+                    *m = (grp * gs..(grp + 1) * gs)
+                        .filter(|&e| !node_has.has(n, e))
+                        .count() as i64;
+                }
+                lb += *m;
+            }
+            lb
+        };
         if !t.hierarchical() {
             let a = vec![0; t.groups];
             return vec![NodeAssignment {
-                lower_bound: self.lower_bound(&a),
+                lower_bound: lower_bound(&a),
                 node_of_group: a,
             }];
         }
-        let gs = t.experts_per_group();
+        let group_load: Vec<f64> = (0..t.groups)
+            .map(|grp| self.w[grp * gs..(grp + 1) * gs].iter().sum::<f64>())
+            .collect();
         let gpn = t.groups_per_node();
         // Affinity: old slots of each group on each node.
         let mut aff = vec![0usize; t.groups * t.nodes];
@@ -425,18 +448,15 @@ impl Ctx<'_> {
                 aff[grp * t.nodes + self.node_of(self.rank_of(p))] += 1;
             }
         }
-        let mut pairs: Vec<(usize, usize)> = (0..t.groups)
+        // (group, node) pairs by affinity, descending (ties: group, node).
+        let mut pairs: Vec<(std::cmp::Reverse<usize>, usize, usize)> = (0..t.groups)
             .flat_map(|grp| (0..t.nodes).map(move |n| (grp, n)))
+            .map(|(grp, n)| (std::cmp::Reverse(aff[grp * t.nodes + n]), grp, n))
             .collect();
-        pairs.sort_unstable_by(|&(g1, n1), &(g2, n2)| {
-            aff[g2 * t.nodes + n2]
-                .cmp(&aff[g1 * t.nodes + n1])
-                .then(g1.cmp(&g2))
-                .then(n1.cmp(&n2))
-        });
+        pairs.sort_unstable();
         let mut old_assign = vec![usize::MAX; t.groups];
         let mut room = vec![gpn; t.nodes];
-        for &(grp, n) in &pairs {
+        for &(_, grp, n) in &pairs {
             if old_assign[grp] == usize::MAX && room[n] > 0 {
                 old_assign[grp] = n;
                 room[n] -= 1;
@@ -457,11 +477,12 @@ impl Ctx<'_> {
         if !cands.iter().any(|a| a[..] == self.stock_node_of_group[..]) {
             cands.push(self.stock_node_of_group.to_vec());
         }
+        let mut node_load = vec![0.0f64; t.nodes];
         let mut out: Vec<NodeAssignment> = cands
             .into_iter()
-            .filter(|a| self.nodes_can_meet_guard(a))
+            .filter(|a| self.nodes_can_meet_guard(a, &group_load, &mut node_load))
             .map(|a| NodeAssignment {
-                lower_bound: self.lower_bound(&a),
+                lower_bound: lower_bound(&a),
                 node_of_group: a,
             })
             .filter(|a| a.lower_bound < best_cost)
@@ -473,13 +494,17 @@ impl Ctx<'_> {
 
     /// Necessary condition: the `j` heaviest nodes' ranks are `j * g` ranks, so
     /// their load is at most the guard's cap on the `j * g` heaviest ranks.
-    fn nodes_can_meet_guard(&self, node_of_group: &[usize]) -> bool {
+    fn nodes_can_meet_guard(
+        &self,
+        node_of_group: &[usize],
+        group_load: &[f64],
+        node_load: &mut [f64],
+    ) -> bool {
         let t = self.topo;
-        let gs = t.experts_per_group();
         let g = self.g();
-        let mut node_load = vec![0.0f64; t.nodes];
+        node_load.iter_mut().for_each(|l| *l = 0.0);
         for (grp, &n) in node_of_group.iter().enumerate() {
-            node_load[n] += self.w[grp * gs..(grp + 1) * gs].iter().sum::<f64>();
+            node_load[n] += group_load[grp];
         }
         node_load.sort_unstable_by(|a, b| b.total_cmp(a));
         let mut s = 0.0;
@@ -490,21 +515,6 @@ impl Ctx<'_> {
             }
         }
         true
-    }
-
-    /// Experts that no rank of their (new) node held: each must be received.
-    fn lower_bound(&self, node_of_group: &[usize]) -> i64 {
-        let t = self.topo;
-        let gs = t.experts_per_group();
-        let g = self.g();
-        let mut lb = 0;
-        for e in 0..t.experts {
-            let n = node_of_group[e / gs];
-            if !(n * g..(n + 1) * g).any(|r| self.old_has.has(r, e)) {
-                lb += 1;
-            }
-        }
-        lb
     }
 
     // ------------------------------------------------------------------ start
