@@ -267,10 +267,12 @@ struct SideItem {
     per: f64,
     /// Replicas in the layer.
     cnt: u32,
-    /// Copies on this rank.
-    on: u32,
     /// Cost change of this rank losing one copy.
     loss: i64,
+    /// Load per replica with one more replica.
+    grow: f64,
+    /// This rank's load drop when the expert gets one more replica.
+    shed: f64,
 }
 
 /// The candidate moves of one rank pair, as `pair_candidates` found them.
@@ -318,8 +320,9 @@ impl Scratch {
                     expert: 0,
                     per: 0.0,
                     cnt: 0,
-                    on: 0,
                     loss: 0,
+                    grow: 0.0,
+                    shed: 0.0,
                 };
                 ranks * spr
             ];
@@ -1090,16 +1093,14 @@ impl Ctx<'_> {
                 }
                 // b's slot (a redundant replica of y) becomes another replica of x.
                 if yb.cnt >= 2 {
-                    let nx = self.w[xa.expert] / (xa.cnt + 1) as f64;
-                    let na = la - xa.on as f64 * (xa.per - nx);
-                    let nb = lb - yb.per + nx;
+                    let na = la - xa.shed;
+                    let nb = lb - yb.per + xa.grow;
                     best.offer(1, yb.loss + gain_b, (na - nb).abs(), i, j);
                 }
                 // a's slot (a redundant replica of x) becomes another replica of y.
                 if xa.cnt >= 2 {
-                    let ny = self.w[yb.expert] / (yb.cnt + 1) as f64;
-                    let na = la - xa.per + ny;
-                    let nb = lb - yb.on as f64 * (yb.per - ny);
+                    let na = la - xa.per + yb.grow;
+                    let nb = lb - yb.shed;
                     best.offer(2, xa.loss + gain_a, (na - nb).abs(), i, j);
                 }
             }
@@ -1153,13 +1154,16 @@ impl Ctx<'_> {
                 continue;
             }
             let x = xv as usize;
+            let (per, on) = (self.per(st, x), self.on(st, r, x));
+            let grow = self.w[x] / (st.cnt[x] + 1) as f64;
             sc.side[r * spr + len] = SideItem {
                 slot: r * spr + i,
                 expert: x,
-                per: self.per(st, x),
+                per,
                 cnt: st.cnt[x],
-                on: self.on(st, r, x),
                 loss: self.loss(st, r, x),
+                grow,
+                shed: on as f64 * (per - grow),
             };
             len += 1;
         }
