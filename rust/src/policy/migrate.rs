@@ -160,7 +160,7 @@ impl Work {
                 load: vec![0.0; topo.ranks],
                 cost: 0,
                 node_of_expert: vec![0; topo.experts],
-                gen: vec![0; topo.nodes],
+                gen: vec![0; topo.ranks],
                 local: false,
             },
             sorted: Sorted::new(topo.ranks),
@@ -232,8 +232,8 @@ struct State {
     cost: i64,
     /// Node of every expert.
     node_of_expert: Vec<usize>,
-    /// Per node: bumped whenever a slot of the node, or the replica count of
-    /// an expert of the node, changes (what the repair's caches depend on).
+    /// Per rank: bumped whenever a slot of the rank, or the replica count of
+    /// an expert on the rank, changes (what the repair's caches depend on).
     gen: Vec<u64>,
     /// Whether every replica lies on its expert's node, so that a node's
     /// experts change only with its own slots (else the caches are off).
@@ -281,7 +281,8 @@ struct PairEntry {
     a: usize,
     b: usize,
     retarget: bool,
-    gen: u64,
+    /// The ranks' generations.
+    gens: (u64, u64),
     /// The pair's loads (bits).
     loads: (u64, u64),
     len: usize,
@@ -355,12 +356,12 @@ struct Scratch {
     /// Per node: its best scored move.
     node_best: Vec<Option<((u8, f64), Move)>>,
     /// Distinct experts of every rank: `side[r * spr..][..side_len[r]]`,
-    /// valid while `side_gen[r]` is the generation of the rank's node.
+    /// valid while `side_gen[r]` is the rank's generation.
     side: Vec<SideItem>,
     side_len: Vec<usize>,
     side_gen: Vec<u64>,
-    /// Per node: candidate moves of its rank pairs, valid while the node's
-    /// generation and the pair's loads are the ones they were computed for.
+    /// Per node: candidate moves of its rank pairs, valid while the ranks'
+    /// generations and loads are the ones they were computed for.
     pair_cache: Vec<Vec<PairEntry>>,
     gain_a: Vec<i64>,
     gain_b: Vec<i64>,
@@ -811,8 +812,12 @@ impl Ctx<'_> {
             Move::Swap(pa, pb) => {
                 let (x, y) = (st.slot[pa], st.slot[pb]);
                 let d = self.per(st, x as usize) - self.per(st, y as usize);
-                self.set_slot(st, pa, y);
-                self.set_slot(st, pb, x);
+                self.put(st, pa, y);
+                self.put(st, pb, x);
+                // The replica counts (and loads per replica) end as they
+                // were: only the two ranks change.
+                st.gen[self.rank_of(pa)] += 1;
+                st.gen[self.rank_of(pb)] += 1;
                 // Counts are unchanged: only the two ranks' loads move. The
                 // final check recomputes every load from scratch.
                 st.load[self.rank_of(pa)] -= d;
@@ -831,11 +836,29 @@ impl Ctx<'_> {
         if x == y {
             return;
         }
+        self.put(st, p, y);
+        // The rank, and every rank holding either expert (their replica
+        // counts changed; replicas lie on their expert's node).
+        let g = self.g();
+        st.gen[self.rank_of(p)] += 1;
+        for e in [x as usize, y as usize] {
+            let node = st.node_of_expert[e];
+            for r in node * g..(node + 1) * g {
+                if self.on(st, r, e) > 0 {
+                    st.gen[r] += 1;
+                }
+            }
+        }
+    }
+
+    /// `set_slot` without the generations.
+    fn put(&self, st: &mut State, p: usize, y: u32) {
+        let x = st.slot[p];
+        if x == y {
+            return;
+        }
         let r = self.rank_of(p);
         let e_n = self.e();
-        st.gen[self.node_of(r)] += 1;
-        st.gen[st.node_of_expert[x as usize]] += 1;
-        st.gen[st.node_of_expert[y as usize]] += 1;
         st.cost += self.loss(st, r, x as usize);
         st.on[r * e_n + x as usize] -= 1;
         st.cnt[x as usize] -= 1;
@@ -1048,14 +1071,14 @@ impl Ctx<'_> {
         if d <= 0.0 {
             return;
         }
-        // The candidates depend only on the node's slots and counts (its
-        // generation) and on the pair's loads.
+        // The candidates depend only on the two ranks' slots and their
+        // experts' counts (the ranks' generations) and on their loads.
         let node = self.node_of(a);
-        let gen = st.gen[node];
+        let gens = (st.gen[a], st.gen[b]);
         let loads = (la.to_bits(), lb.to_bits());
         if st.local {
             let hit = sc.pair_cache[node].iter().find(|e| {
-                e.a == a && e.b == b && e.retarget == retarget && e.gen == gen && e.loads == loads
+                e.a == a && e.b == b && e.retarget == retarget && e.gens == gens && e.loads == loads
             });
             if let Some(e) = hit {
                 sc.cands.extend_from_slice(&e.cands[..e.len]);
@@ -1109,7 +1132,7 @@ impl Ctx<'_> {
             a,
             b,
             retarget,
-            gen,
+            gens,
             loads,
             len: 0,
             cands: [(Move::Swap(0, 0), 0); 9],
@@ -1133,15 +1156,18 @@ impl Ctx<'_> {
         sc.cands.extend_from_slice(&entry.cands[..entry.len]);
         if st.local {
             let cache = &mut sc.pair_cache[node];
-            cache.retain(|e| e.gen == gen && !(e.a == a && e.b == b && e.retarget == retarget));
+            cache.retain(|e| {
+                (st.gen[e.a], st.gen[e.b]) == e.gens
+                    && !(e.a == a && e.b == b && e.retarget == retarget)
+            });
             cache.push(entry);
         }
     }
 
     /// Caches one entry per distinct expert of rank `r` (kept while the
-    /// rank's node is unchanged).
+    /// rank's generation is unchanged).
     fn side(&self, st: &State, r: usize, sc: &mut Scratch) {
-        let gen = st.gen[self.node_of(r)];
+        let gen = st.gen[r];
         if st.local && sc.side_gen[r] == gen {
             return;
         }
