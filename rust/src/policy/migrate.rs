@@ -275,19 +275,23 @@ struct SideItem {
     shed: f64,
 }
 
-/// The candidate moves of one rank pair, as `pair_candidates` found them.
+/// What the cached candidate moves of one rank pair were found for.
 #[derive(Clone, Copy)]
-struct PairEntry {
-    a: usize,
-    b: usize,
-    retarget: bool,
+struct PairKey {
     /// The ranks' generations.
     gens: (u64, u64),
     /// The pair's loads (bits).
     loads: (u64, u64),
-    len: usize,
-    cands: [(Move, i64); 9],
+    /// Candidates (at most 9); `EMPTY`: nothing cached.
+    len: u8,
 }
+
+impl PairKey {
+    const EMPTY: u8 = u8::MAX;
+}
+
+/// Rank pairs (times 2 for `retarget`) above which candidates are not cached.
+const PAIR_CACHE_MAX: usize = 1 << 16;
 
 /// The best move of a rank pair per kind and cost class: the first offered
 /// with the smallest score (`at`: side indices and cost).
@@ -329,10 +333,22 @@ impl Scratch {
             ];
             self.side_len = vec![0; ranks];
             self.side_gen = vec![u64::MAX; ranks];
-            self.pair_cache = vec![Vec::new(); topo.nodes];
+            let pairs = ranks
+                .saturating_mul(topo.ranks_per_node())
+                .saturating_mul(2);
+            let pairs = if pairs <= PAIR_CACHE_MAX { pairs } else { 0 };
+            let empty = PairKey {
+                gens: (0, 0),
+                loads: (0, 0),
+                len: PairKey::EMPTY,
+            };
+            self.pair_keys = vec![empty; pairs];
+            self.pair_cands = vec![(Move::Swap(0, 0), 0); pairs * 9];
         }
         self.side_gen.iter_mut().for_each(|x| *x = u64::MAX);
-        self.pair_cache.iter_mut().for_each(|c| c.clear());
+        self.pair_keys
+            .iter_mut()
+            .for_each(|k| k.len = PairKey::EMPTY);
         self.esc.subst.iter_mut().for_each(|p| *p = None);
     }
 }
@@ -360,9 +376,11 @@ struct Scratch {
     side: Vec<SideItem>,
     side_len: Vec<usize>,
     side_gen: Vec<u64>,
-    /// Per node: candidate moves of its rank pairs, valid while the ranks'
-    /// generations and loads are the ones they were computed for.
-    pair_cache: Vec<Vec<PairEntry>>,
+    /// Candidate moves of each rank pair (heavier rank, lighter rank's
+    /// place in its node, `retarget`): `pair_cands[i * 9..][..len]`, valid
+    /// while the ranks' generations and loads are the key's.
+    pair_keys: Vec<PairKey>,
+    pair_cands: Vec<(Move, i64)>,
     gain_a: Vec<i64>,
     gain_b: Vec<i64>,
     assigner: Assigner,
@@ -1073,15 +1091,17 @@ impl Ctx<'_> {
         }
         // The candidates depend only on the two ranks' slots and their
         // experts' counts (the ranks' generations) and on their loads.
-        let node = self.node_of(a);
+        let g = self.g();
         let gens = (st.gen[a], st.gen[b]);
         let loads = (la.to_bits(), lb.to_bits());
-        if st.local {
-            let hit = sc.pair_cache[node].iter().find(|e| {
-                e.a == a && e.b == b && e.retarget == retarget && e.gens == gens && e.loads == loads
-            });
-            if let Some(e) = hit {
-                sc.cands.extend_from_slice(&e.cands[..e.len]);
+        let slot = (a * g + (b - self.node_of(b) * g)) * 2 + usize::from(retarget);
+        let cached = st.local && slot < sc.pair_keys.len();
+        if cached {
+            let key = sc.pair_keys[slot];
+            if key.len != PairKey::EMPTY && key.gens == gens && key.loads == loads {
+                let at = slot * 9;
+                sc.cands
+                    .extend_from_slice(&sc.pair_cands[at..at + key.len as usize]);
                 return;
             }
         }
@@ -1128,15 +1148,7 @@ impl Ctx<'_> {
                 }
             }
         }
-        let mut entry = PairEntry {
-            a,
-            b,
-            retarget,
-            gens,
-            loads,
-            len: 0,
-            cands: [(Move::Swap(0, 0), 0); 9],
-        };
+        let first = sc.cands.len();
         for kind in 0..3 {
             for class in 0..3 {
                 if !best.set[kind][class] {
@@ -1149,18 +1161,18 @@ impl Ctx<'_> {
                     1 => Move::Retarget(yb.slot, xa.expert as u32),
                     _ => Move::Retarget(xa.slot, yb.expert as u32),
                 };
-                entry.cands[entry.len] = (m, dc);
-                entry.len += 1;
+                sc.cands.push((m, dc));
             }
         }
-        sc.cands.extend_from_slice(&entry.cands[..entry.len]);
-        if st.local {
-            let cache = &mut sc.pair_cache[node];
-            cache.retain(|e| {
-                (st.gen[e.a], st.gen[e.b]) == e.gens
-                    && !(e.a == a && e.b == b && e.retarget == retarget)
-            });
-            cache.push(entry);
+        if cached {
+            let len = sc.cands.len() - first;
+            let at = slot * 9;
+            sc.pair_cands[at..at + len].copy_from_slice(&sc.cands[first..]);
+            sc.pair_keys[slot] = PairKey {
+                gens,
+                loads,
+                len: len as u8,
+            };
         }
     }
 
