@@ -57,6 +57,9 @@ pub(crate) struct Sorted {
     vals: Vec<f64>,
     /// `prefix[k]`: sum of `vals[..k]`.
     pub(crate) prefix: Vec<f64>,
+    /// `exc[k]`: excess of `prefix[k + 1]` over the guard's cap (`-inf` for
+    /// the full sum).
+    pub(crate) exc: Vec<f64>,
     /// `cum[k]`: sum of the positive excesses of the first `k` prefixes.
     cum: Vec<f64>,
     /// `pmax[k]`: largest excess of the first `k` prefixes; `smax[k]`: of the rest.
@@ -66,7 +69,8 @@ pub(crate) struct Sorted {
     base: Eval,
     /// Loads to evaluate: `(rank, new load)`.
     pub(crate) changes: Vec<(usize, f64)>,
-    window: Vec<f64>,
+    /// Buffers of evaluations of many changes.
+    add: Vec<(f64, usize)>,
     skip: Vec<usize>,
 }
 
@@ -77,6 +81,7 @@ impl Sorted {
             pos: (0..ranks).collect(),
             vals: vec![0.0; ranks],
             prefix: vec![0.0; ranks + 1],
+            exc: vec![f64::NEG_INFINITY; ranks],
             cum: vec![0.0; ranks + 1],
             pmax: vec![f64::NEG_INFINITY; ranks + 1],
             smax: vec![f64::NEG_INFINITY; ranks + 1],
@@ -85,7 +90,7 @@ impl Sorted {
                 worst: f64::NEG_INFINITY,
             },
             changes: Vec::new(),
-            window: Vec::new(),
+            add: Vec::new(),
             skip: Vec::new(),
         }
     }
@@ -94,93 +99,294 @@ impl Sorted {
     pub(crate) fn update(&mut self, load: &[f64], guard: &Guard) -> Eval {
         let n = load.len();
         // The previous order is nearly right (a step changes a few loads):
-        // insertion sort is linear then.
-        let before = |a: usize, b: usize| load[a].total_cmp(&load[b]).then(b.cmp(&a)).is_gt();
+        // insertion sort is linear then. Loads descending (`total_cmp`),
+        // ties by rank id: a strict total order, so the result is unique.
+        for (v, &r) in self.vals.iter_mut().zip(&self.order) {
+            *v = load[r];
+        }
+        let before = |v: f64, r: usize, w: f64, q: usize| v.total_cmp(&w).then(q.cmp(&r)).is_gt();
         for i in 1..n {
-            let r = self.order[i];
+            let (v, r) = (self.vals[i], self.order[i]);
             let mut j = i;
-            while j > 0 && before(r, self.order[j - 1]) {
+            while j > 0 && before(v, r, self.vals[j - 1], self.order[j - 1]) {
+                self.vals[j] = self.vals[j - 1];
                 self.order[j] = self.order[j - 1];
                 j -= 1;
             }
+            self.vals[j] = v;
             self.order[j] = r;
         }
         for (i, &r) in self.order.iter().enumerate() {
-            self.vals[i] = load[r];
             self.pos[r] = i;
         }
-        let mut worst = f64::NEG_INFINITY;
+        // Comparisons instead of `f64::max`: the same values (a NaN excess
+        // counts as none), without its NaN handling in the loop.
+        // Running values stay in registers (no store-to-load chains).
+        let (mut sum, mut cum, mut pmax) = (0.0, 0.0, f64::NEG_INFINITY);
         for k in 0..n {
-            self.prefix[k + 1] = self.prefix[k] + self.vals[k];
-            let v = excess(self.prefix[k + 1], k, n, guard);
-            self.cum[k + 1] = self.cum[k] + v.max(0.0);
-            self.pmax[k + 1] = self.pmax[k].max(v);
-            worst = worst.max(v);
+            sum += self.vals[k];
+            self.prefix[k + 1] = sum;
+            let v = excess(sum, k, n, guard);
+            self.exc[k] = v;
+            cum += if v > 0.0 { v } else { 0.0 };
+            self.cum[k + 1] = cum;
+            if v > pmax {
+                pmax = v;
+            }
+            self.pmax[k + 1] = pmax;
         }
+        let mut smax = f64::NEG_INFINITY;
         for k in (0..n).rev() {
-            let v = excess(self.prefix[k + 1], k, n, guard);
-            self.smax[k] = self.smax[k + 1].max(v);
+            let v = self.exc[k];
+            if v > smax {
+                smax = v;
+            }
+            self.smax[k] = smax;
         }
         self.base = Eval {
             phi: self.cum[n],
-            worst,
+            worst: self.pmax[n],
         };
         self.base
     }
 
-    /// The guard with `self.changes` applied.
-    pub(crate) fn eval(&mut self, guard: &Guard) -> Eval {
+    /// The guard's sum of positive prefix excesses with `self.changes` applied.
+    pub(crate) fn phi(&mut self, guard: &Guard) -> f64 {
+        let m = self.changes.len();
+        if m <= SMALL {
+            let mut skip = [0usize; SMALL];
+            let mut add = [(0.0f64, 0usize); SMALL];
+            let w = self.prepare(&mut skip[..m], &mut add[..m]);
+            self.phi_of(guard, &skip[..m], &add[..m], w)
+        } else {
+            let (mut skip, mut add) = self.take_buffers(m);
+            let w = self.prepare(&mut skip, &mut add);
+            let phi = self.phi_of(guard, &skip, &add, w);
+            (self.skip, self.add) = (skip, add);
+            phi
+        }
+    }
+
+    /// Whether the guard holds with `self.changes` applied.
+    pub(crate) fn holds(&mut self, guard: &Guard) -> bool {
+        let m = self.changes.len();
+        if m <= SMALL {
+            let mut skip = [0usize; SMALL];
+            let mut add = [(0.0f64, 0usize); SMALL];
+            let w = self.prepare(&mut skip[..m], &mut add[..m]);
+            self.holds_of(guard, &skip[..m], &add[..m], w)
+        } else {
+            let (mut skip, mut add) = self.take_buffers(m);
+            let w = self.prepare(&mut skip, &mut add);
+            let ok = self.holds_of(guard, &skip, &add, w);
+            (self.skip, self.add) = (skip, add);
+            ok
+        }
+    }
+
+    /// The heap buffers for `m` changes (many changes are rare).
+    fn take_buffers(&mut self, m: usize) -> (Vec<usize>, Vec<(f64, usize)>) {
+        let mut skip = std::mem::take(&mut self.skip);
+        let mut add = std::mem::take(&mut self.add);
+        skip.clear();
+        skip.resize(m, 0);
+        add.clear();
+        add.resize(m, (0.0, 0));
+        (skip, add)
+    }
+
+    fn phi_of(
+        &self,
+        guard: &Guard,
+        skip: &[usize],
+        add: &[(f64, usize)],
+        window: Option<(usize, usize)>,
+    ) -> f64 {
+        let Some((lo, hi)) = window else {
+            return self.base.phi;
+        };
         let n = self.vals.len();
-        let (mut lo, mut hi) = (n, 0usize);
-        self.skip.clear();
-        self.window.clear();
-        for &(r, v) in &self.changes {
-            let at = self.vals.partition_point(|&x| x >= v).min(n - 1);
-            let p = self.pos[r];
-            lo = lo.min(p).min(at);
-            hi = hi.max(p).max(at);
-            self.skip.push(p);
-            self.window.push(v);
-        }
-        if lo > hi {
-            return self.base;
-        }
-        insertion_sort(&mut self.skip, |a, b| a < b);
-        insertion_sort(&mut self.window, |a, b| a > b);
-        self.skip.push(usize::MAX);
-        self.window.push(f64::NEG_INFINITY);
-        let (mut si, mut ci) = (0usize, 0usize);
+        let last = (hi + 1).min(n - 1); // the full sum never counts
         let mut sum = self.prefix[lo];
         let mut phi = self.cum[lo];
-        let mut worst = self.pmax[lo];
-        // Positions lo..=hi hold exactly the unchanged ranks there plus the
-        // changed ones; each step emits the larger of the next of each.
-        let last = (hi + 1).min(n - 1); // the full sum never counts
         let mut k = lo;
-        let mut p = lo;
-        while k < last {
-            while self.skip[si] == p {
-                si += 1;
-                p += 1;
-            }
-            let x = if p <= hi && self.vals[p] >= self.window[ci] {
-                p += 1;
-                self.vals[p - 1]
+        let cap = &guard.cap;
+        merge(
+            &self.vals,
+            skip,
+            add,
+            lo,
+            hi,
+            last.saturating_sub(lo),
+            |x| {
+                sum += x;
+                let v = sum - cap[k];
+                phi += if v > 0.0 { v } else { 0.0 };
+                k += 1;
+                true
+            },
+        );
+        phi + self.cum[n] - self.cum[hi + 1]
+    }
+
+    fn holds_of(
+        &self,
+        guard: &Guard,
+        skip: &[usize],
+        add: &[(f64, usize)],
+        window: Option<(usize, usize)>,
+    ) -> bool {
+        let Some((lo, hi)) = window else {
+            return self.base.worst <= 0.0;
+        };
+        if self.pmax[lo] > 0.0 || self.smax[hi + 1] > 0.0 {
+            return false;
+        }
+        let n = self.vals.len();
+        let last = (hi + 1).min(n - 1);
+        let mut sum = self.prefix[lo];
+        let mut k = lo;
+        let cap = &guard.cap;
+        merge(
+            &self.vals,
+            skip,
+            add,
+            lo,
+            hi,
+            last.saturating_sub(lo),
+            |x| {
+                sum += x;
+                // NaN (overflowing loads) counts as no excess, as `f64::max` does.
+                let v = sum - cap[k];
+                k += 1;
+                v <= 0.0 || v.is_nan()
+            },
+        )
+    }
+
+    /// Writes the changed ranks' old sorted positions into `skip` (ascending)
+    /// and their new loads into `add` (descending), each with its insertion
+    /// point (the number of current loads at least as large); returns the
+    /// window `lo..=hi` of sorted positions the changes affect (`None`
+    /// without changes). Every move keeps the total load, so positions
+    /// before `lo` and after `hi` keep their loads and prefix sums.
+    fn prepare(&self, skip: &mut [usize], add: &mut [(f64, usize)]) -> Option<(usize, usize)> {
+        let vals = &self.vals;
+        let n = vals.len();
+        let (mut lo, mut hi) = (n, 0usize);
+        for ((&(r, v), s), a) in self.changes.iter().zip(skip.iter_mut()).zip(add.iter_mut()) {
+            let p = self.pos[r];
+            // `vals` is descending: a load at most `vals[p]` goes after `p`,
+            // a larger one before it.
+            let after = if v <= vals[p] {
+                p + 1 + vals[p + 1..].partition_point(|&x| x >= v)
             } else {
-                ci += 1;
-                self.window[ci - 1]
+                vals[..p].partition_point(|&x| x >= v)
             };
-            sum += x;
-            let v = sum - guard.cap[k];
-            phi += v.max(0.0);
-            worst = worst.max(v);
-            k += 1;
+            let at = after.min(n - 1);
+            lo = lo.min(p).min(at);
+            hi = hi.max(p).max(at);
+            *s = p;
+            *a = (v, after);
         }
-        let k = hi + 1;
-        Eval {
-            phi: phi + self.cum[n] - self.cum[k],
-            worst: worst.max(self.smax[k]),
+        if lo > hi {
+            return None;
         }
+        insertion_sort(skip, |a, b| a < b);
+        insertion_sort(add, |a, b| a.0 > b.0);
+        Some((lo, hi))
+    }
+}
+
+/// Changes evaluated with buffers on the stack.
+const SMALL: usize = 8;
+
+/// Feeds the loads at sorted positions `lo..` with the changes applied to
+/// `f`, in order, until `f` has seen `count` of them or returns false;
+/// returns false if `f` did.
+///
+/// Positions `lo..=hi` hold exactly the unchanged ranks there plus the
+/// changed ones: an unchanged load goes before a changed one when it is at
+/// least as large, i.e. before the changed load's insertion point. Runs of
+/// unchanged loads are fed without a comparison per load.
+#[inline(always)]
+fn merge(
+    vals: &[f64],
+    skip: &[usize],
+    add: &[(f64, usize)],
+    lo: usize,
+    hi: usize,
+    count: usize,
+    mut f: impl FnMut(f64) -> bool,
+) -> bool {
+    let mut cur = Cursor {
+        p: lo,
+        si: 0,
+        left: count,
+    };
+    for &(c, at) in add {
+        if cur.left == 0 {
+            return true;
+        }
+        let end = at.min(hi + 1).max(cur.p);
+        if let Some(r) = cur.run(vals, skip, end, &mut f) {
+            return r;
+        }
+        if !f(c) {
+            return false;
+        }
+        cur.left -= 1;
+    }
+    if cur.left == 0 {
+        return true;
+    }
+    cur.run(vals, skip, hi + 1, &mut f).unwrap_or(true)
+}
+
+/// Position of a [`merge`] in the unchanged loads and in `skip`, and loads left.
+struct Cursor {
+    p: usize,
+    si: usize,
+    left: usize,
+}
+
+impl Cursor {
+    /// Feeds the unchanged loads at positions `p..end`; `Some` when the
+    /// merge is over (`f` refused a load, or `left` reached 0).
+    #[inline(always)]
+    fn run(
+        &mut self,
+        vals: &[f64],
+        skip: &[usize],
+        end: usize,
+        f: &mut impl FnMut(f64) -> bool,
+    ) -> Option<bool> {
+        while self.p < end {
+            while self.si < skip.len() && skip[self.si] < self.p {
+                self.si += 1;
+            }
+            let stop = match skip.get(self.si) {
+                Some(&s) if s == self.p => {
+                    self.si += 1;
+                    self.p += 1;
+                    continue;
+                }
+                Some(&s) => end.min(s),
+                None => end,
+            };
+            let take = (stop - self.p).min(self.left);
+            for &x in &vals[self.p..self.p + take] {
+                if !f(x) {
+                    return Some(false);
+                }
+            }
+            self.left -= take;
+            if self.left == 0 {
+                return Some(true);
+            }
+            self.p = stop;
+        }
+        None
     }
 }
 

@@ -434,6 +434,8 @@ struct LayerWork<'t> {
     stock: stock::Stock,
     stock_out: Vec<usize>,
     relabeled: Vec<usize>,
+    /// The search's buffers, made on the first layer that searches.
+    search: Option<migrate::Work>,
 }
 
 impl<'t> LayerWork<'t> {
@@ -443,6 +445,7 @@ impl<'t> LayerWork<'t> {
             stock: stock::Stock::new(topo),
             stock_out: vec![0; topo.slots],
             relabeled: vec![0; topo.slots],
+            search: None,
         }
     }
 
@@ -458,24 +461,33 @@ impl<'t> LayerWork<'t> {
             }
             (_, Some(old)) => old,
         };
-        let relabel_cost = relabel::relabel(topo, &self.stock_out, old, &mut self.relabeled);
-        let mut best = self.relabeled.clone();
-        if opts.method == Method::Migrate && relabel_cost > 0 && searchable(topo) {
+        let search = opts.method == Method::Migrate && searchable(topo);
+        // Which ranks held which expert: for relabeling and the search (not
+        // made for shapes past both, where it could be huge).
+        let old_has = (search || relabel::renames(topo)).then(|| relabel::Presence::of(topo, old));
+        let no_presence = relabel::Presence::empty();
+        let old_has = old_has.as_ref().unwrap_or(&no_presence);
+        let relabel_cost =
+            relabel::relabel(topo, &self.stock_out, old, old_has, &mut self.relabeled);
+        let mut found = None;
+        if search && relabel_cost > 0 {
             let targets = metrics::sorted_loads(w, &self.stock_out, topo);
-            if let Some(found) = migrate::search(
+            let work = self.search.get_or_insert_with(|| migrate::Work::new(topo));
+            found = migrate::search(
                 topo,
                 w,
                 old,
+                old_has,
                 &targets,
                 opts.max_imbalance,
                 &self.relabeled,
                 relabel_cost,
-            ) {
-                best = found;
-            }
+                work,
+            );
         }
-        relabel::keep_slots(topo, &mut best, old);
-        for (o, &e) in out.iter_mut().zip(&best) {
+        let best = found.as_deref_mut().unwrap_or(&mut self.relabeled);
+        relabel::keep_slots(topo, best, old);
+        for (o, &e) in out.iter_mut().zip(best.iter()) {
             *o = e as i64;
         }
     }

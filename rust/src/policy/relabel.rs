@@ -34,6 +34,14 @@ impl Presence {
         Presence { words, bits }
     }
 
+    /// No ranks (a stand-in where no presence is needed).
+    pub(crate) fn empty() -> Self {
+        Presence {
+            words: 0,
+            bits: Vec::new(),
+        }
+    }
+
     /// Whether `rank` holds `expert`.
     #[inline]
     pub(crate) fn has(&self, rank: usize, expert: usize) -> bool {
@@ -76,6 +84,11 @@ const EXACT_MAX: usize = 128;
 /// assignment is quadratic in memory).
 const RENAME_MAX: usize = 2048;
 
+/// Whether `relabel` renames (and needs the old placement's presence).
+pub(crate) fn renames(topo: &Topology) -> bool {
+    topo.ranks_per_node() <= RENAME_MAX && topo.nodes <= RENAME_MAX
+}
+
 /// Writes the relabeled `placement` into `out` and returns the experts it makes
 /// ranks receive from `old`.
 ///
@@ -87,17 +100,17 @@ pub(crate) fn relabel(
     topo: &Topology,
     placement: &[usize],
     old: &[i64],
+    old_has: &Presence,
     out: &mut [usize],
 ) -> usize {
     let g = topo.ranks_per_node();
     let nodes = topo.nodes;
     let spr = topo.slots_per_rank();
-    if g > RENAME_MAX || nodes > RENAME_MAX {
+    if !renames(topo) {
         // Far past real deployments: keep stock's names.
         out.copy_from_slice(placement);
         return super::metrics::experts_received_of(old, placement, topo);
     }
-    let old_has = Presence::of(topo, old);
     let new_has = Presence::of(topo, placement);
     let old_nodes = old_has.unions(g);
     let mut sub = Vec::with_capacity(g * g);
@@ -105,7 +118,7 @@ pub(crate) fn relabel(
         sub.clear();
         for ii in 0..g {
             for jj in 0..g {
-                sub.push(new_has.missing_from(a * g + ii, &old_has, b * g + jj) as i64);
+                sub.push(new_has.missing_from(a * g + ii, old_has, b * g + jj) as i64);
             }
         }
     };

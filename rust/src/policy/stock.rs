@@ -159,14 +159,35 @@ fn balanced_packing(
         return;
     }
     order.clear();
-    order.extend(0..n);
-    // Equal loads keep index order (a stable sort's order).
-    order.sort_unstable_by(|&a, &b| {
-        weights[b]
-            .partial_cmp(&weights[a])
-            .unwrap_or(Ordering::Equal)
-            .then(a.cmp(&b))
-    });
+    // Heaviest first; equal loads keep index order (a stable sort's order).
+    // Loads here are >= 0 and never NaN or -0.0, where the bits order like
+    // the values: sorting (inverted bits, index) keys gives the same order
+    // as the comparison below, much faster.
+    let keyed = usize::BITS >= 64
+        && n <= u32::MAX as usize
+        && weights
+            .iter()
+            .all(|w| w.to_bits() >> 31 == 0 && !w.is_nan());
+    if keyed {
+        order.extend(
+            weights
+                .iter()
+                .enumerate()
+                .map(|(i, w)| ((u64::from(!w.to_bits()) << 32) | i as u64) as usize),
+        );
+        order.sort_unstable();
+        for o in order.iter_mut() {
+            *o &= 0xffff_ffff;
+        }
+    } else {
+        order.extend(0..n);
+        order.sort_unstable_by(|&a, &b| {
+            weights[b]
+                .partial_cmp(&weights[a])
+                .unwrap_or(Ordering::Equal)
+                .then(a.cmp(&b))
+        });
+    }
     pack_load.clear();
     pack_load.resize(num_packs, 0.0);
     pack_items.clear();
@@ -191,10 +212,13 @@ fn balanced_packing(
         return;
     }
     for &i in order.iter() {
+        // The lightest pack with room, first index on ties.
         let mut best = usize::MAX;
-        for p in 0..num_packs {
-            if pack_items[p] < per && (best == usize::MAX || pack_load[p] < pack_load[best]) {
+        let mut best_load = 0.0f32;
+        for (p, (&items, &load)) in pack_items.iter().zip(pack_load.iter()).enumerate() {
+            if items < per && (best == usize::MAX || load < best_load) {
                 best = p;
+                best_load = load;
             }
         }
         if best == usize::MAX {
@@ -259,18 +283,27 @@ pub(crate) fn replicate(w: &[f32], num_phy: usize, phy2log: &mut Vec<usize>, cnt
         }
         return;
     }
+    // Load per replica of each expert, updated for the chosen one only
+    // (the same quotients as computing them afresh).
+    let mut cur = [0.0f32; HEAP_ABOVE];
+    let cur = &mut cur[..n.min(HEAP_ABOVE)];
+    for (c, &load) in cur.iter_mut().zip(w) {
+        *c = load;
+    }
     for _ in n..num_phy {
         let mut best = 0usize;
         let mut best_v = f32::NEG_INFINITY;
-        for (e, (&load, &c)) in w.iter().zip(cnt.iter()).enumerate() {
-            let v = load / c as f32;
+        for (e, &v) in cur.iter().enumerate() {
             if v > best_v {
                 best_v = v;
                 best = e;
             }
         }
         phy2log.push(best);
-        cnt[best] += 1;
+        if let (Some(c), Some(v)) = (cnt.get_mut(best), cur.get_mut(best)) {
+            *c += 1;
+            *v = w[best] / *c as f32;
+        }
     }
 }
 
