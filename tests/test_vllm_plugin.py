@@ -83,11 +83,11 @@ def test_register_offers_the_migration_aware_policy_as_default():
     code = """
 import torch
 import eplb_xfer.vllm as plugin
-from vllm.distributed.eplb.policy import EPLB_POLICIES
+from vllm.distributed.eplb.policy import EPLB_POLICIES, DefaultEplbPolicy
 from vllm.distributed.eplb.policy.abstract import AbstractEplbPolicy
 plugin.register()
 cls = EPLB_POLICIES["default"]
-assert issubclass(cls, AbstractEplbPolicy), cls
+assert cls is not DefaultEplbPolicy and issubclass(cls, AbstractEplbPolicy), cls
 w = torch.rand(2, 16)
 old = cls.rebalance_experts(w, 20, 4, 2, 4)            # no old map: DeepSeek's algorithm
 new = cls.rebalance_experts(w * 1.05, 20, 4, 2, 4, old)  # keeps experts in place
