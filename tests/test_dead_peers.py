@@ -9,10 +9,9 @@ Exchange numbers: 1 = opening handshake, layer l = l + 2, 6 = closing.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import workers
+from harness import pid_alive
 
 TIMEOUT_S = 3.0
 LAYERS = 4
@@ -30,14 +29,6 @@ SCENARIOS = [
     # so all commit it and fail at layer 2
     ("exit_mid_done", 3, 2, [0, 1]),
 ]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 CASES = [("zero_copy", 3, [2], *s) for s in SCENARIOS] + [
@@ -92,7 +83,7 @@ def test_survivors_agree_and_fail_in_time(
         assert "failed earlier" in r["reuse"], r["reuse"]
         assert r["elapsed"] < BOUND_S, r
         assert r["close_s"] < 1.0, r  # no linger on dead peers
-    assert not any(_alive(p) for p in pids)  # no orphan processes
+    assert not any(pid_alive(p) for p in pids)  # no orphan processes
 
 
 def test_peer_dying_after_the_last_done_surfaces_at_the_next_call(world):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import workers
+from harness import pid_alive
 
 
 def _clean(reports):
@@ -81,17 +82,7 @@ def test_a_dropped_communicator_releases_its_agent_and_exit_is_prompt(world):
         assert r["agents_after_drop"] == 0, r
         assert r["dropped_s"] < 2.0, r
     deadline = time.monotonic() + 10.0
-    while time.monotonic() < deadline and any(_alive(p) for p in pids):
+    while time.monotonic() < deadline and any(pid_alive(p) for p in pids):
         time.sleep(0.1)
-    assert not any(_alive(p) for p in pids)  # exited with communicators still open
+    assert not any(pid_alive(p) for p in pids)  # exited with communicators still open
     assert time.monotonic() - t0 < 60.0
-
-
-def _alive(pid: int) -> bool:
-    import os
-
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
