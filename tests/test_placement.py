@@ -177,6 +177,28 @@ def test_drift_moves_far_fewer_experts_than_stock() -> None:
     assert moved_ours < 0.5 * moved_stock
 
 
+def test_concurrent_callers_get_the_serial_results() -> None:
+    """Python threads calling the policy at once (the GIL is released inside)
+    get exactly what each call gives alone: no state shared between calls."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    shape = (256, 288, 8, 4, 32)
+    rng = np.random.default_rng(11)
+    jobs = []
+    for _ in range(8):
+        w0 = rng.lognormal(0.0, 1.0, (6, 256)) * 1000
+        old = placement.stock_rebalance_experts(w0, *shape[1:]).numpy()
+        jobs.append((w0 * rng.lognormal(0.0, 0.3, w0.shape), old))
+    alone = [eplb_xfer.rebalance_experts(w, *shape[1:], old).numpy() for w, old in jobs]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        for _ in range(3):
+            futures = [
+                pool.submit(eplb_xfer.rebalance_experts, w, *shape[1:], old) for w, old in jobs
+            ]
+            for f, want in zip(futures, alone, strict=True):
+                assert np.array_equal(f.result().numpy(), want)
+
+
 def test_accepts_vllm_style_inputs() -> None:
     # Integer token counts and int32 / int64 placements, as vLLM passes them.
     w = torch.randint(0, 10_000, (2, 16), dtype=torch.int64)
