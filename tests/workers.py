@@ -275,22 +275,16 @@ def dead_peer(rank: int, world: int, mode: str, victims: list[int], how: str, se
         if victim and how == "exit_after_layer" and done == seq:
             os._exit(17)
 
-    t0 = time.monotonic()
-    try:
-        eplb_xfer.rearrange_expert_weights_inplace(
-            old, new, weights, buffer, None, comm, on_layer=on_layer
-        )
-        outcome: dict[str, Any] = {"kind": "ok", "peer": None, "layer": None, "committed": None}
-    except eplb_xfer.TransferError as e:
-        outcome = {
-            "kind": "TransferError",
-            "peer": e.peer,
-            "layer": e.layer,
-            "committed": e.committed_layers,
-            "blame": e.blame,
-            "msg": str(e),
-        }
-    elapsed = time.monotonic() - t0
+    outcome: dict[str, Any] = {
+        "peer": None,
+        "layer": None,
+        "committed": None,
+        **_outcome(
+            lambda: eplb_xfer.rearrange_expert_weights_inplace(
+                old, new, weights, buffer, None, comm, on_layer=on_layer
+            )
+        ),
+    }
     committed = outcome["committed"] if outcome["committed"] is not None else list(range(layers))
     counters = comm.counters
     try:
@@ -301,7 +295,6 @@ def dead_peer(rank: int, world: int, mode: str, victims: list[int], how: str, se
     t1 = time.monotonic()
     comm.close()
     outcome.update(
-        elapsed=elapsed,
         close_s=time.monotonic() - t1,
         errors=check(MIXED, weights, old, new, rank, world, layers=committed),
         untouched=set(unchanged(weights, snap)) >= set(range(layers)) - set(committed),
@@ -332,15 +325,13 @@ def corrupt_read(rank: int, world: int, mode: str, reader: int, seq: int):
     plan = eplb_xfer.plan_rebalance(old, new, world, node_of_rank=comm.node_of_rank)
     sources = sorted({src for _e, src, _s, _d in plan.recvs(seq - 2, reader)})
     try:
-        eplb_xfer.rearrange_expert_weights_inplace(old, new, weights, buffer, None, comm)
-        out: dict[str, Any] = {"kind": "ok", "committed": list(range(layers))}
-    except eplb_xfer.TransferError as e:
-        out = {
-            "kind": "TransferError",
-            "peer": e.peer,
-            "layer": e.layer,
-            "committed": e.committed_layers,
-            "blame": e.blame,
+        out: dict[str, Any] = {
+            "committed": list(range(layers)),
+            **_outcome(
+                lambda: eplb_xfer.rearrange_expert_weights_inplace(
+                    old, new, weights, buffer, None, comm
+                )
+            ),
         }
     finally:
         comm.close()
