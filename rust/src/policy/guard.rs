@@ -205,28 +205,12 @@ impl Sorted {
         let Some((lo, hi)) = window else {
             return self.base.phi;
         };
-        let n = self.vals.len();
-        let last = (hi + 1).min(n - 1); // the full sum never counts
-        let mut sum = self.prefix[lo];
         let mut phi = self.cum[lo];
-        let mut k = lo;
-        let cap = &guard.cap;
-        merge(
-            &self.vals,
-            skip,
-            add,
-            lo,
-            hi,
-            last.saturating_sub(lo),
-            |x| {
-                sum += x;
-                let v = sum - cap[k];
-                phi += if v > 0.0 { v } else { 0.0 };
-                k += 1;
-                true
-            },
-        );
-        phi + self.cum[n] - self.cum[hi + 1]
+        self.excesses(guard, skip, add, lo, hi, |v| {
+            phi += if v > 0.0 { v } else { 0.0 };
+            true
+        });
+        phi + self.cum[self.vals.len()] - self.cum[hi + 1]
     }
 
     fn holds_of(
@@ -242,8 +226,23 @@ impl Sorted {
         if self.pmax[lo] > 0.0 || self.smax[hi + 1] > 0.0 {
             return false;
         }
-        let n = self.vals.len();
-        let last = (hi + 1).min(n - 1);
+        // NaN (overflowing loads) counts as no excess, as `f64::max` does.
+        self.excesses(guard, skip, add, lo, hi, |v| v <= 0.0 || v.is_nan())
+    }
+
+    /// Feeds `f` the excess over the cap of every prefix in the window
+    /// `lo..=hi` after the changes (the full sum never counts), in order,
+    /// until `f` returns false; returns whether it never did.
+    fn excesses(
+        &self,
+        guard: &Guard,
+        skip: &[usize],
+        add: &[(f64, usize)],
+        lo: usize,
+        hi: usize,
+        mut f: impl FnMut(f64) -> bool,
+    ) -> bool {
+        let last = (hi + 1).min(self.vals.len() - 1);
         let mut sum = self.prefix[lo];
         let mut k = lo;
         let cap = &guard.cap;
@@ -256,10 +255,9 @@ impl Sorted {
             last.saturating_sub(lo),
             |x| {
                 sum += x;
-                // NaN (overflowing loads) counts as no excess, as `f64::max` does.
                 let v = sum - cap[k];
                 k += 1;
-                v <= 0.0 || v.is_nan()
+                f(v)
             },
         )
     }
