@@ -150,6 +150,10 @@ class EplbCommunicator(ABC):
         """Releases resources (idempotent); later calls raise ``RuntimeError``."""
         self._closed = True
 
+    def begin_rebalance(self, plan: TransferPlan) -> None:  # noqa: B027 - optional hook
+        """Called by the driver before the first layer of a rebalance. Backends
+        that can check that every rank has the same plan do it here."""
+
     def end_rebalance(self, num_layers: int) -> None:  # noqa: B027 - optional hook
         """Called by the driver after the last layer of a rebalance. Backends
         that detect failed peers confirm here that every rank finished."""

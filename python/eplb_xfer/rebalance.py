@@ -225,12 +225,10 @@ def _run(
     row_bytes = expert_bytes(expert_buffer)
     stats = RebalanceStats(backend=type(comm).__name__, staging_bytes=comm.staging_bytes)
     committed: list[int] = []
-    begin = getattr(comm, "begin_rebalance", None)
     moving = plan.moving_layers()  # per layer one call into the core: the layer itself
     local_rows = plan.local_rows(rank)
     try:
-        if begin is not None:
-            begin(plan)
+        comm.begin_rebalance(plan)
         for layer in range(num_layers):
             t_layer = time.perf_counter()
             if not moving[layer]:  # every rank agrees: nothing moves anywhere
