@@ -233,6 +233,14 @@ def check_rank(value: Any, name: str, world_size: int) -> int:
     return check_int(value, name, 0, world_size)
 
 
+def check_node_of_rank(node_of_rank: Sequence[Any], world_size: int) -> list[int]:
+    """A node id per rank (the ``node_of_rank`` option of the communicators)."""
+    nodes = [check_rank(n, "node_of_rank", 1 << 31) for n in node_of_rank]
+    if len(nodes) != world_size:
+        raise ValueError(f"node_of_rank: {len(nodes)} entries for {world_size} ranks")
+    return nodes
+
+
 def check_expert(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"expert_id: expected an int, got {type(value).__name__}")

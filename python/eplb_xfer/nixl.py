@@ -41,6 +41,7 @@ from .communicator import (
     EplbCommunicator,
     LayerOutcome,
     check_expert,
+    check_node_of_rank,
     check_rank,
     check_row_tensors,
     layer_row,
@@ -170,9 +171,7 @@ class NixlCommunicator(EplbCommunicator):
             raise TypeError(f"timeout_s: expected seconds as a number, got {timeout_s!r}")
         nodes = None
         if node_of_rank is not None:
-            nodes = [check_rank(n, "node_of_rank", 1 << 31) for n in node_of_rank]
-            if len(nodes) != self.world_size:
-                raise ValueError(f"node_of_rank: {len(nodes)} entries for {self.world_size} ranks")
+            nodes = check_node_of_rank(node_of_rank, self.world_size)
         n_local, device = validate_weights(expert_weights, expert_buffer)
         self.mode = mode
         self.timeout_s = float(timeout_s)
