@@ -585,10 +585,7 @@ class NixlCommunicator(EplbCommunicator):
             res = self._verify_landed(engine, res, [(s, r, d) for s, r, d in mapped.recvs])
         try:
             outcome = self._outcome(res, f"layer {layer}", commit_later=True)
-        except TransferError as e:
-            e.committed_layers = list(self._vllm_committed)
-            raise
-        except TransferInterrupted as e:
+        except (TransferError, TransferInterrupted) as e:
             e.committed_layers = list(self._vllm_committed)
             raise
         if foreign:
