@@ -15,7 +15,7 @@ import torch.distributed as dist
 from ._tensors import check_int, expert_bytes, to_indices, validate_weights
 from .communicator import EplbCommunicator
 from .errors import TransferError, TransferInterrupted
-from .planning import plan_rebalance
+from .planning import TransferPlan, plan_rebalance
 from .torch_dist import TorchCommunicator
 
 log = logging.getLogger("eplb_xfer")
@@ -212,7 +212,7 @@ def rearrange_expert_weights_inplace(
 
 
 def _run(
-    plan: Any,
+    plan: TransferPlan,
     old: np.ndarray,
     expert_weights: Sequence[Sequence[torch.Tensor]],
     expert_buffer: Sequence[torch.Tensor],
