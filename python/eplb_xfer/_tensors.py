@@ -148,18 +148,10 @@ def expert_bytes(tensors: Sequence[torch.Tensor]) -> int:
     return sum(t[0].numel() * t.element_size() for t in tensors)
 
 
-_FOREACH_COPY = getattr(torch, "_foreach_copy_", None)
-
-
 def _foreach_copy(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
     """Many copies in one torch call (one fused launch on CUDA); no temporaries."""
-    if not dst:
-        return
-    if _FOREACH_COPY is not None:
-        _FOREACH_COPY(dst, src)
-    else:  # pragma: no cover - torch without _foreach_copy_
-        for d, s in zip(dst, src):
-            d.copy_(s)
+    if dst:
+        torch._foreach_copy_(dst, src)
 
 
 def copy_rows(

@@ -13,6 +13,7 @@ import json
 import sys
 from collections.abc import Callable
 
+from .demo import BACKENDS, MODES, POLICIES
 from .models import MODELS
 
 
@@ -124,13 +125,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     d.add_argument(
         "--backend",
-        choices=["nixl", "torch"],
+        choices=list(BACKENDS),
         default="nixl",
         help="nixl (NIXL READ) or torch (torch.distributed P2P over gloo) (default: nixl)",
     )
     d.add_argument(
         "--mode",
-        choices=["zero_copy", "staged"],
+        choices=list(MODES),
         default=None,
         help="NIXL mode: read peers' weights directly, or through one packed send layer "
         "(default: zero_copy; nixl only)",
@@ -155,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     d.add_argument(
         "--policy",
-        choices=["stock", "ours"],
+        choices=list(POLICIES),
         default=None,
         help="plan the placements with an EPLB policy on synthetic drifting loads (stock: "
         "DeepSeek's EPLB; ours: migration-aware) and report bytes moved per rebalance "

@@ -31,6 +31,8 @@ from ._tensors import (
     copy_rows,
     copy_runs,
     deferred_sigint,
+    is_seq,
+    stream_context,
     to_indices,
 )
 from .planning import TransferPlan
@@ -148,6 +150,10 @@ class EplbCommunicator(ABC):
         """Releases resources (idempotent); later calls raise ``RuntimeError``."""
         self._closed = True
 
+    def begin_rebalance(self, plan: TransferPlan) -> None:  # noqa: B027 - optional hook
+        """Called by the driver before the first layer of a rebalance. Backends
+        that can check that every rank has the same plan do it here."""
+
     def end_rebalance(self, num_layers: int) -> None:  # noqa: B027 - optional hook
         """Called by the driver after the last layer of a rebalance. Backends
         that detect failed peers confirm here that every rank finished."""
@@ -185,7 +191,7 @@ class EplbCommunicator(ABC):
         """
         self._check_open("rebalance_layer")
         rank = self.rank
-        with stream_of(self):
+        with stream_context(self._stream):
             copy_rows(buffer, weights, [(s, d) for _e, s, d in plan.local_copies(layer_idx, rank)])
         self.set_transfer_context(old_layer, layer_idx)
         for expert, src_row, readers in plan.sends(layer_idx, rank):
@@ -197,7 +203,7 @@ class EplbCommunicator(ABC):
             self.add_recv([b[dst_row] for b in buffer], src_rank, expert)
             per_peer[src_rank] = per_peer.get(src_rank, 0) + 1
         self.execute()
-        with deferred_sigint(), stream_of(self):
+        with deferred_sigint(), stream_context(self._stream):
             dups = [(s, d) for _e, s, d in plan.dup_fills(layer_idx, rank)]
             copy_rows(buffer, buffer, dups)
             copy_runs(weights, buffer, plan.changed_runs(layer_idx, rank))
@@ -208,13 +214,6 @@ class EplbCommunicator(ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def stream_of(comm: EplbCommunicator) -> Any:
-    """Context running torch work on the communicator's stream (if any)."""
-    from ._tensors import stream_context
-
-    return stream_context(comm._stream)
 
 
 def layer_row(old_indices: Any, layer_idx: int | None) -> np.ndarray:
@@ -234,6 +233,14 @@ def check_rank(value: Any, name: str, world_size: int) -> int:
     return check_int(value, name, 0, world_size)
 
 
+def check_node_of_rank(node_of_rank: Sequence[Any], world_size: int) -> list[int]:
+    """A node id per rank (the ``node_of_rank`` option of the communicators)."""
+    nodes = [check_rank(n, "node_of_rank", 1 << 31) for n in node_of_rank]
+    if len(nodes) != world_size:
+        raise ValueError(f"node_of_rank: {len(nodes)} entries for {world_size} ranks")
+    return nodes
+
+
 def check_expert(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"expert_id: expected an int, got {type(value).__name__}")
@@ -247,7 +254,7 @@ def check_row_tensors(
     tensors: Any, name: str, row_bytes: Sequence[int], *, receive: bool
 ) -> list[torch.Tensor]:
     """One contiguous row per weight tensor, of the right sizes."""
-    if not is_tensor_list(tensors):
+    if not is_seq(tensors):
         raise TypeError(f"{name}: expected a list of tensors, got {type(tensors).__name__}")
     ts = list(tensors)
     if len(ts) != len(row_bytes):
@@ -267,9 +274,3 @@ def check_row_tensors(
         if receive and t.requires_grad:
             raise ValueError(f"{name}[{i}]: requires_grad=True; receive targets must not need grad")
     return ts
-
-
-def is_tensor_list(x: object) -> bool:
-    from ._tensors import is_seq
-
-    return is_seq(x)

@@ -16,7 +16,7 @@ import logging
 import os
 import uuid
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,7 @@ from .communicator import (
     EplbCommunicator,
     LayerOutcome,
     check_expert,
+    check_node_of_rank,
     check_rank,
     check_row_tensors,
     layer_row,
@@ -94,6 +95,17 @@ def apply_ucx_defaults() -> None:
     """Sets :data:`UCX_DEFAULTS` unless already set (before any agent exists)."""
     for k, v in UCX_DEFAULTS.items():
         os.environ.setdefault(k, v)
+
+
+@contextlib.contextmanager
+def _abort_on_error(engine: _core.NixlEngine) -> Iterator[None]:
+    """For a layer's work after validation: any exception (Ctrl-C included)
+    tells the peers at once (``abort_local``), then propagates."""
+    try:
+        yield
+    except BaseException as e:
+        engine.abort_local("interrupted" if isinstance(e, KeyboardInterrupt) else "error")
+        raise
 
 
 def _error_of(result: dict[str, Any], what: str) -> TransferError:
@@ -170,9 +182,7 @@ class NixlCommunicator(EplbCommunicator):
             raise TypeError(f"timeout_s: expected seconds as a number, got {timeout_s!r}")
         nodes = None
         if node_of_rank is not None:
-            nodes = [check_rank(n, "node_of_rank", 1 << 31) for n in node_of_rank]
-            if len(nodes) != self.world_size:
-                raise ValueError(f"node_of_rank: {len(nodes)} entries for {self.world_size} ranks")
+            nodes = check_node_of_rank(node_of_rank, self.world_size)
         n_local, device = validate_weights(expert_weights, expert_buffer)
         self.mode = mode
         self.timeout_s = float(timeout_s)
@@ -339,7 +349,7 @@ class NixlCommunicator(EplbCommunicator):
     ) -> LayerOutcome:
         rank = self.rank
         sends = plan.sends(layer, rank)
-        try:
+        with _abort_on_error(engine):
             with stream_context(self._stream):
                 copy_rows(buffer, weights, [(s, d) for _e, s, d in plan.local_copies(layer, rank)])
                 for _e, src_row, _readers in sends if self._packed is not None else ():
@@ -352,9 +362,6 @@ class NixlCommunicator(EplbCommunicator):
                     )
             # No byte moves into the buffer before the stream's work on it ran.
             wait_for_stream(self.device, self._stream)
-        except BaseException as e:
-            engine.abort_local("interrupted" if isinstance(e, KeyboardInterrupt) else "error")
-            raise
         res = engine.exchange_plan(plan, layer, False, "caller" if self.verify else "off", payloads)
         if res["state"] == "landed":
             received = [(src, s, d) for _e, src, s, d in plan.recvs(layer, rank)]
@@ -380,7 +387,7 @@ class NixlCommunicator(EplbCommunicator):
     ) -> dict[str, Any]:
         """Checks received rows ``(src_rank, src_row, dst_row)`` against their
         sources' checksums; says DONE or names the first bad source."""
-        try:
+        with _abort_on_error(engine):
             payloads = res["payloads"]
             with stream_context(self._stream):
                 got = expert_checksums([[b[d] for b in self._buffer] for _s, _r, d in received])
@@ -393,9 +400,6 @@ class NixlCommunicator(EplbCommunicator):
                         src_row,
                     )
                     return dict(engine.abort_verdict(src))
-        except BaseException as e:
-            engine.abort_local("interrupted" if isinstance(e, KeyboardInterrupt) else "error")
-            raise
         return dict(engine.done())
 
     def _served_payloads(
@@ -565,7 +569,7 @@ class NixlCommunicator(EplbCommunicator):
         if layer <= self._vllm_layer:
             self._vllm_committed = []  # a new rebalance began
         self._vllm_layer = layer
-        try:
+        with _abort_on_error(engine):
             with stream_context(self._stream):
                 for slot, ts in served.items() if self._packed is not None else ():
                     self._pack(slot, ts)
@@ -576,18 +580,12 @@ class NixlCommunicator(EplbCommunicator):
                     ]
                     payloads = self._served_payloads(serves, served)
             wait_for_stream(self.device, self._stream)
-        except BaseException as e:
-            engine.abort_local("interrupted" if isinstance(e, KeyboardInterrupt) else "error")
-            raise
         res = engine.exchange_mapped(mapped, "caller" if self.verify else "off", payloads)
         if res["state"] == "landed":
             res = self._verify_landed(engine, res, [(s, r, d) for s, r, d in mapped.recvs])
         try:
             outcome = self._outcome(res, f"layer {layer}", commit_later=True)
-        except TransferError as e:
-            e.committed_layers = list(self._vllm_committed)
-            raise
-        except TransferInterrupted as e:
+        except (TransferError, TransferInterrupted) as e:
             e.committed_layers = list(self._vllm_committed)
             raise
         if foreign:

@@ -15,7 +15,7 @@ import torch.distributed as dist
 from ._tensors import check_int, expert_bytes, to_indices, validate_weights
 from .communicator import EplbCommunicator
 from .errors import TransferError, TransferInterrupted
-from .planning import plan_rebalance
+from .planning import TransferPlan, plan_rebalance
 from .torch_dist import TorchCommunicator
 
 log = logging.getLogger("eplb_xfer")
@@ -212,7 +212,7 @@ def rearrange_expert_weights_inplace(
 
 
 def _run(
-    plan: Any,
+    plan: TransferPlan,
     old: np.ndarray,
     expert_weights: Sequence[Sequence[torch.Tensor]],
     expert_buffer: Sequence[torch.Tensor],
@@ -225,12 +225,10 @@ def _run(
     row_bytes = expert_bytes(expert_buffer)
     stats = RebalanceStats(backend=type(comm).__name__, staging_bytes=comm.staging_bytes)
     committed: list[int] = []
-    begin = getattr(comm, "begin_rebalance", None)
     moving = plan.moving_layers()  # per layer one call into the core: the layer itself
     local_rows = plan.local_rows(rank)
     try:
-        if begin is not None:
-            begin(plan)
+        comm.begin_rebalance(plan)
         for layer in range(num_layers):
             t_layer = time.perf_counter()
             if not moving[layer]:  # every rank agrees: nothing moves anywhere

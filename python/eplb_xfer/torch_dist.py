@@ -10,7 +10,13 @@ import torch.distributed as dist
 
 from . import _core
 from ._tensors import check_memory, stream_context, validate_weights
-from .communicator import EplbCommunicator, check_expert, check_rank, check_row_tensors
+from .communicator import (
+    EplbCommunicator,
+    check_expert,
+    check_node_of_rank,
+    check_rank,
+    check_row_tensors,
+)
 
 
 class TorchCommunicator(EplbCommunicator):
@@ -51,10 +57,7 @@ class TorchCommunicator(EplbCommunicator):
             self._num_slots = n_local * self.world_size
             self._row_bytes = [b[0].numel() * b.element_size() for b in expert_buffer]
         if node_of_rank is not None:
-            nodes = [check_rank(n, "node_of_rank", 1 << 31) for n in node_of_rank]
-            if len(nodes) != self.world_size:
-                raise ValueError(f"node_of_rank: {len(nodes)} entries for {self.world_size} ranks")
-            self.node_of_rank: list[int] = nodes
+            self.node_of_rank: list[int] = check_node_of_rank(node_of_rank, self.world_size)
         else:
             keys: list[Any] = [None] * self.world_size
             dist.all_gather_object(keys, _core.local_node_key(), group=group)

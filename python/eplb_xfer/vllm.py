@@ -25,6 +25,8 @@ from typing import Any
 
 import torch
 
+from .placement import register_vllm_policy
+
 log = logging.getLogger("eplb_xfer.vllm")
 
 #: Modules that hold a binding of vLLM's factory (imported by name there).
@@ -142,20 +144,8 @@ def register() -> None:
         if getattr(mod, FACTORY, None) is original:
             setattr(mod, FACTORY, wrapped)
             patched.append(name)
-    _register_policy()
+    register_vllm_policy()
     log.info("eplb-xfer: vLLM EPLB communicator %r now uses eplb-xfer (%s)", BACKEND, patched)
-
-
-def _register_policy() -> None:
-    """Offers eplb-xfer's migration-aware placement as vLLM's EPLB policy, if
-    this build has it (see README)."""
-    try:
-        policy = importlib.import_module("eplb_xfer.placement")
-    except ImportError:
-        return
-    hook = getattr(policy, "register_vllm_policy", None)
-    if hook is not None:
-        hook()
 
 
 __all__ = ["BACKEND", "FACTORY_MODULES", "VllmNixlCommunicator", "register"]
