@@ -1127,14 +1127,13 @@ impl Core {
         self.layout.weights.get(layer).map(|v| v.as_slice())
     }
 
-    fn host_before(&mut self, layer: usize, h: &HostOps) -> Result<(), String> {
+    fn host_before(&self, layer: usize, h: &HostOps) -> Result<(), String> {
         let n = self.layout.n_local as u32;
         let w = self
             .rows_of(layer)
-            .ok_or("layer outside the registered weights")?
-            .to_vec();
-        let b = self.layout.buffer.clone();
-        crate::host_copy::validate(&b, &w, n, &h.local).map_err(|e| e.to_string())?;
+            .ok_or("layer outside the registered weights")?;
+        let b = &self.layout.buffer;
+        crate::host_copy::validate(b, w, n, &h.local).map_err(|e| e.to_string())?;
         if h.pack.iter().any(|&r| r >= n)
             || h.dups.iter().any(|&(s, d)| s >= n || d >= n)
             || h.commit.iter().any(|&r| r >= n)
@@ -1142,7 +1141,7 @@ impl Core {
             return Err(format!("a host row is outside 0..{n}"));
         }
         // SAFETY: layouts describe the registered (live, held) tensors; rows validated.
-        unsafe { crate::host_copy::copy_rows(&b, &w, &h.local) };
+        unsafe { crate::host_copy::copy_rows(b, w, &h.local) };
         if let Some(p) = &self.layout.packed {
             let offs = self.layout.packed_offsets();
             for &row in &h.pack {
@@ -1158,16 +1157,16 @@ impl Core {
         Ok(())
     }
 
-    fn host_after(&mut self, layer: usize, h: &HostOps) {
-        let Some(w) = self.rows_of(layer).map(|v| v.to_vec()) else {
+    fn host_after(&self, layer: usize, h: &HostOps) {
+        let Some(w) = self.rows_of(layer) else {
             return;
         };
-        let b = self.layout.buffer.clone();
+        let b = &self.layout.buffer;
         // SAFETY: as in host_before; rows were validated there.
         unsafe {
-            crate::host_copy::copy_rows(&b, &b, &h.dups);
+            crate::host_copy::copy_rows(b, b, &h.dups);
             let commit: Vec<(u32, u32)> = h.commit.iter().map(|&r| (r, r)).collect();
-            crate::host_copy::copy_rows(&w, &b, &commit);
+            crate::host_copy::copy_rows(w, b, &commit);
         }
     }
 
