@@ -912,8 +912,8 @@ impl Core {
                 job.spec.payloads = self.served_checksums(&job)?;
             }
             job.spec.hold_done = true;
-        } else if let Verify::Caller(p) = &job.verify {
-            job.spec.payloads = p.clone();
+        } else if let Verify::Caller(p) = &mut job.verify {
+            job.spec.payloads = std::mem::take(p);
             job.spec.hold_done = true;
         }
         let mut received_from: HashMap<u32, Vec<(u32, u32)>> = HashMap::new();
@@ -921,8 +921,10 @@ impl Core {
             received_from.entry(src).or_default().push((s, d));
         }
         let now = self.now();
+        // The session owns the spec from here on; the job keeps its layer,
+        // host work and verify mode.
         self.session
-            .begin(now, job.spec.clone())
+            .begin(now, std::mem::take(&mut job.spec))
             .map_err(|e| e.to_string())?;
         self.job = Some(JobState {
             seq: self.session.seq(),
