@@ -440,6 +440,7 @@ impl Connected {
             local_src: self.local_src,
             peer_lists: self.peer_lists,
             inflight: HashMap::new(),
+            finished: Vec::new(),
             job: None,
             replies: std::collections::VecDeque::new(),
             epoch: Instant::now(),
@@ -864,6 +865,9 @@ struct Core {
     local_src: Option<PreparedList>,
     peer_lists: Vec<Option<PreparedList>>,
     inflight: HashMap<u64, XferReq>,
+    /// `(id, succeeded)` of requests that left `inflight` in one poll
+    /// (reused across polls).
+    finished: Vec<(u64, bool)>,
     job: Option<JobState>,
     replies: std::collections::VecDeque<Reply>,
     epoch: Instant,
@@ -948,26 +952,24 @@ impl Core {
         }
         self.scratch = scratch;
         let _ = res; // a failing progress call shows up as failed transfers
-                     // transfers in flight
-        let ids: Vec<u64> = self.inflight.keys().copied().collect();
-        for id in ids {
-            let st = match self.inflight.get(&id) {
-                Some(req) => self.agent.status(req),
-                None => continue,
-            };
-            match st {
+
+        // Transfers in flight.
+        let mut finished = std::mem::take(&mut self.finished);
+        for (&id, req) in &self.inflight {
+            match self.agent.status(req) {
                 Ok(XferState::InProgress) => {}
-                other => {
-                    progressed = true;
-                    if let Some(req) = self.inflight.remove(&id) {
-                        self.agent.release(req);
-                    }
-                    let now = self.now();
-                    self.session
-                        .handle_completion(now, id, matches!(other, Ok(XferState::Done)));
-                }
+                other => finished.push((id, matches!(other, Ok(XferState::Done)))),
             }
         }
+        for (id, ok) in finished.drain(..) {
+            progressed = true;
+            if let Some(req) = self.inflight.remove(&id) {
+                self.agent.release(req);
+            }
+            let now = self.now();
+            self.session.handle_completion(now, id, ok);
+        }
+        self.finished = finished;
         let now = self.now();
         if self.session.next_timeout().is_some_and(|t| t <= now) {
             self.session.handle_timeout(now);
