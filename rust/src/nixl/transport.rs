@@ -441,6 +441,7 @@ impl Connected {
             peer_lists: self.peer_lists,
             inflight: HashMap::new(),
             finished: Vec::new(),
+            index_scratch: (Vec::new(), Vec::new()),
             job: None,
             replies: std::collections::VecDeque::new(),
             epoch: Instant::now(),
@@ -868,6 +869,9 @@ struct Core {
     /// `(id, succeeded)` of requests that left `inflight` in one poll
     /// (reused across polls).
     finished: Vec<(u64, bool)>,
+    /// `(source, destination)` descriptor indices of the transfer being
+    /// posted (reused across transfers).
+    index_scratch: (Vec<c_int>, Vec<c_int>),
     job: Option<JobState>,
     replies: std::collections::VecDeque<Reply>,
     epoch: Instant,
@@ -1028,38 +1032,36 @@ impl Core {
             .copied()
             .flatten()
             .ok_or_else(|| NixlError::Protocol(format!("no list for rank {}", t.peer)))?;
-        let nt = self.space.n_tensors;
-        let mut local_idx: Vec<c_int> = Vec::with_capacity(t.rows.len() * nt);
-        let mut remote_idx: Vec<c_int> = Vec::with_capacity(t.rows.len() * nt);
         let (op, local) = match t.op {
-            Op::Read => {
-                for &(s, d) in &t.rows {
-                    for k in 0..nt {
-                        local_idx.push(self.space.local_index(d as usize, k));
-                        remote_idx.push(self.space.remote_index(layer, s as usize, k));
-                    }
-                }
-                (XferOp::Read, self.local_buf)
-            }
+            Op::Read => (XferOp::Read, self.local_buf),
             Op::Write => {
-                for &(s, d) in &t.rows {
-                    for k in 0..nt {
-                        local_idx.push(self.space.remote_index(layer, s as usize, k));
-                        remote_idx.push(self.space.local_index(d as usize, k));
-                    }
-                }
                 let src = self
                     .local_src
                     .ok_or_else(|| NixlError::Protocol("no source list for writes".into()))?;
                 (XferOp::Write, src)
             }
         };
+        // Source rows index the serving rank's list, destination rows the
+        // reader's buffer list; this side's list is the source on a WRITE.
+        let (src_idx, dst_idx) = &mut self.index_scratch;
+        src_idx.clear();
+        dst_idx.clear();
+        for &(s, d) in &t.rows {
+            for k in 0..self.space.n_tensors {
+                src_idx.push(self.space.remote_index(layer, s as usize, k));
+                dst_idx.push(self.space.local_index(d as usize, k));
+            }
+        }
+        let (local_idx, remote_idx) = match op {
+            XferOp::Read => (&*dst_idx, &*src_idx),
+            XferOp::Write => (&*src_idx, &*dst_idx),
+        };
         let (req, state) = self.agent.post(
             op,
             local,
-            &local_idx,
+            local_idx,
             remote,
-            &remote_idx,
+            remote_idx,
             t.notify.as_deref(),
         )?;
         if state == XferState::Done {
