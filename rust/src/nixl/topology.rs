@@ -115,10 +115,6 @@ impl Topology {
             round_of,
         }
     }
-
-    pub fn n_nodes(&self) -> u32 {
-        self.node_of_rank.iter().max().map_or(0, |&m| m + 1)
-    }
 }
 
 /// Dense ids in order of first appearance (rank 0's node is 0).

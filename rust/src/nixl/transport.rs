@@ -463,7 +463,6 @@ impl Connected {
             shared,
             thread: Mutex::new(Some(thread)),
             owner_pid: std::process::id(),
-            topo: self.topo,
             closed: AtomicBool::new(false),
         })
     }
@@ -670,15 +669,10 @@ pub struct Transport {
     shared: Arc<Shared>,
     thread: Mutex<Option<JoinHandle<()>>>,
     owner_pid: u32,
-    topo: Topology,
     closed: AtomicBool,
 }
 
 impl Transport {
-    pub fn topology(&self) -> &Topology {
-        &self.topo
-    }
-
     /// True in the process that created the transport (false in a fork).
     pub fn owned_here(&self) -> bool {
         std::process::id() == self.owner_pid
