@@ -169,12 +169,14 @@ impl PyNixlEngine {
     /// pointer (one call per tensor on the hot path), and the shape once per
     /// rebalance. A tensor given other storage or resized fails here.
     fn check_unchanged(&self, py: Python<'_>, layer: Option<usize>) -> PyResult<()> {
-        let mut idx: Vec<usize> = self.held_of(None).collect();
-        match layer {
-            Some(l) if l < self.layout.n_layers() => idx.extend(self.held_of(Some(l))),
-            Some(_) => {}
-            None => idx.extend(0..self.held.len()),
-        }
+        // The buffer first, then the layer's weights (or everything else).
+        let buffer = self.held_of(None);
+        let (rest, tail) = match layer {
+            Some(l) if l < self.layout.n_layers() => (self.held_of(Some(l)), 0..0),
+            Some(_) => (0..0, 0..0),
+            None => (0..buffer.start, buffer.end..self.held.len()),
+        };
+        let idx = buffer.chain(rest).chain(tail);
         let changed = |name: &str| {
             PyValueError::new_err(format!(
                 "{name}: was reallocated or resized since this communicator registered it; create a new communicator"
