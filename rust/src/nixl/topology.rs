@@ -118,7 +118,7 @@ impl Topology {
 }
 
 /// Dense ids in order of first appearance (rank 0's node is 0).
-fn renumber<T: PartialEq>(keys: &[T]) -> Vec<u32> {
+pub fn renumber<T: PartialEq>(keys: &[T]) -> Vec<u32> {
     let mut seen: Vec<&T> = Vec::new();
     keys.iter()
         .map(|k| match seen.iter().position(|s| *s == k) {
