@@ -115,14 +115,10 @@ impl Topology {
             round_of,
         }
     }
-
-    pub fn n_nodes(&self) -> u32 {
-        self.node_of_rank.iter().max().map_or(0, |&m| m + 1)
-    }
 }
 
 /// Dense ids in order of first appearance (rank 0's node is 0).
-fn renumber<T: PartialEq>(keys: &[T]) -> Vec<u32> {
+pub fn renumber<T: PartialEq>(keys: &[T]) -> Vec<u32> {
     let mut seen: Vec<&T> = Vec::new();
     keys.iter()
         .map(|k| match seen.iter().position(|s| *s == k) {

@@ -440,6 +440,8 @@ impl Connected {
             local_src: self.local_src,
             peer_lists: self.peer_lists,
             inflight: HashMap::new(),
+            finished: Vec::new(),
+            index_scratch: (Vec::new(), Vec::new()),
             job: None,
             replies: std::collections::VecDeque::new(),
             epoch: Instant::now(),
@@ -461,7 +463,6 @@ impl Connected {
             shared,
             thread: Mutex::new(Some(thread)),
             owner_pid: std::process::id(),
-            topo: self.topo,
             closed: AtomicBool::new(false),
         })
     }
@@ -668,15 +669,10 @@ pub struct Transport {
     shared: Arc<Shared>,
     thread: Mutex<Option<JoinHandle<()>>>,
     owner_pid: u32,
-    topo: Topology,
     closed: AtomicBool,
 }
 
 impl Transport {
-    pub fn topology(&self) -> &Topology {
-        &self.topo
-    }
-
     /// True in the process that created the transport (false in a fork).
     pub fn owned_here(&self) -> bool {
         std::process::id() == self.owner_pid
@@ -864,6 +860,12 @@ struct Core {
     local_src: Option<PreparedList>,
     peer_lists: Vec<Option<PreparedList>>,
     inflight: HashMap<u64, XferReq>,
+    /// `(id, succeeded)` of requests that left `inflight` in one poll
+    /// (reused across polls).
+    finished: Vec<(u64, bool)>,
+    /// `(source, destination)` descriptor indices of the transfer being
+    /// posted (reused across transfers).
+    index_scratch: (Vec<c_int>, Vec<c_int>),
     job: Option<JobState>,
     replies: std::collections::VecDeque<Reply>,
     epoch: Instant,
@@ -912,8 +914,8 @@ impl Core {
                 job.spec.payloads = self.served_checksums(&job)?;
             }
             job.spec.hold_done = true;
-        } else if let Verify::Caller(p) = &job.verify {
-            job.spec.payloads = p.clone();
+        } else if let Verify::Caller(p) = &mut job.verify {
+            job.spec.payloads = std::mem::take(p);
             job.spec.hold_done = true;
         }
         let mut received_from: HashMap<u32, Vec<(u32, u32)>> = HashMap::new();
@@ -921,8 +923,10 @@ impl Core {
             received_from.entry(src).or_default().push((s, d));
         }
         let now = self.now();
+        // The session owns the spec from here on; the job keeps its layer,
+        // host work and verify mode.
         self.session
-            .begin(now, job.spec.clone())
+            .begin(now, std::mem::take(&mut job.spec))
             .map_err(|e| e.to_string())?;
         self.job = Some(JobState {
             seq: self.session.seq(),
@@ -946,26 +950,24 @@ impl Core {
         }
         self.scratch = scratch;
         let _ = res; // a failing progress call shows up as failed transfers
-                     // transfers in flight
-        let ids: Vec<u64> = self.inflight.keys().copied().collect();
-        for id in ids {
-            let st = match self.inflight.get(&id) {
-                Some(req) => self.agent.status(req),
-                None => continue,
-            };
-            match st {
+
+        // Transfers in flight.
+        let mut finished = std::mem::take(&mut self.finished);
+        for (&id, req) in &self.inflight {
+            match self.agent.status(req) {
                 Ok(XferState::InProgress) => {}
-                other => {
-                    progressed = true;
-                    if let Some(req) = self.inflight.remove(&id) {
-                        self.agent.release(req);
-                    }
-                    let now = self.now();
-                    self.session
-                        .handle_completion(now, id, matches!(other, Ok(XferState::Done)));
-                }
+                other => finished.push((id, matches!(other, Ok(XferState::Done)))),
             }
         }
+        for (id, ok) in finished.drain(..) {
+            progressed = true;
+            if let Some(req) = self.inflight.remove(&id) {
+                self.agent.release(req);
+            }
+            let now = self.now();
+            self.session.handle_completion(now, id, ok);
+        }
+        self.finished = finished;
         let now = self.now();
         if self.session.next_timeout().is_some_and(|t| t <= now) {
             self.session.handle_timeout(now);
@@ -1024,38 +1026,36 @@ impl Core {
             .copied()
             .flatten()
             .ok_or_else(|| NixlError::Protocol(format!("no list for rank {}", t.peer)))?;
-        let nt = self.space.n_tensors;
-        let mut local_idx: Vec<c_int> = Vec::with_capacity(t.rows.len() * nt);
-        let mut remote_idx: Vec<c_int> = Vec::with_capacity(t.rows.len() * nt);
         let (op, local) = match t.op {
-            Op::Read => {
-                for &(s, d) in &t.rows {
-                    for k in 0..nt {
-                        local_idx.push(self.space.local_index(d as usize, k));
-                        remote_idx.push(self.space.remote_index(layer, s as usize, k));
-                    }
-                }
-                (XferOp::Read, self.local_buf)
-            }
+            Op::Read => (XferOp::Read, self.local_buf),
             Op::Write => {
-                for &(s, d) in &t.rows {
-                    for k in 0..nt {
-                        local_idx.push(self.space.remote_index(layer, s as usize, k));
-                        remote_idx.push(self.space.local_index(d as usize, k));
-                    }
-                }
                 let src = self
                     .local_src
                     .ok_or_else(|| NixlError::Protocol("no source list for writes".into()))?;
                 (XferOp::Write, src)
             }
         };
+        // Source rows index the serving rank's list, destination rows the
+        // reader's buffer list; this side's list is the source on a WRITE.
+        let (src_idx, dst_idx) = &mut self.index_scratch;
+        src_idx.clear();
+        dst_idx.clear();
+        for &(s, d) in &t.rows {
+            for k in 0..self.space.n_tensors {
+                src_idx.push(self.space.remote_index(layer, s as usize, k));
+                dst_idx.push(self.space.local_index(d as usize, k));
+            }
+        }
+        let (local_idx, remote_idx) = match op {
+            XferOp::Read => (&*dst_idx, &*src_idx),
+            XferOp::Write => (&*src_idx, &*dst_idx),
+        };
         let (req, state) = self.agent.post(
             op,
             local,
-            &local_idx,
+            local_idx,
             remote,
-            &remote_idx,
+            remote_idx,
             t.notify.as_deref(),
         )?;
         if state == XferState::Done {
@@ -1127,14 +1127,13 @@ impl Core {
         self.layout.weights.get(layer).map(|v| v.as_slice())
     }
 
-    fn host_before(&mut self, layer: usize, h: &HostOps) -> Result<(), String> {
+    fn host_before(&self, layer: usize, h: &HostOps) -> Result<(), String> {
         let n = self.layout.n_local as u32;
         let w = self
             .rows_of(layer)
-            .ok_or("layer outside the registered weights")?
-            .to_vec();
-        let b = self.layout.buffer.clone();
-        crate::host_copy::validate(&b, &w, n, &h.local).map_err(|e| e.to_string())?;
+            .ok_or("layer outside the registered weights")?;
+        let b = &self.layout.buffer;
+        crate::host_copy::validate(b, w, n, &h.local).map_err(|e| e.to_string())?;
         if h.pack.iter().any(|&r| r >= n)
             || h.dups.iter().any(|&(s, d)| s >= n || d >= n)
             || h.commit.iter().any(|&r| r >= n)
@@ -1142,7 +1141,7 @@ impl Core {
             return Err(format!("a host row is outside 0..{n}"));
         }
         // SAFETY: layouts describe the registered (live, held) tensors; rows validated.
-        unsafe { crate::host_copy::copy_rows(&b, &w, &h.local) };
+        unsafe { crate::host_copy::copy_rows(b, w, &h.local) };
         if let Some(p) = &self.layout.packed {
             let offs = self.layout.packed_offsets();
             for &row in &h.pack {
@@ -1158,16 +1157,16 @@ impl Core {
         Ok(())
     }
 
-    fn host_after(&mut self, layer: usize, h: &HostOps) {
-        let Some(w) = self.rows_of(layer).map(|v| v.to_vec()) else {
+    fn host_after(&self, layer: usize, h: &HostOps) {
+        let Some(w) = self.rows_of(layer) else {
             return;
         };
-        let b = self.layout.buffer.clone();
+        let b = &self.layout.buffer;
         // SAFETY: as in host_before; rows were validated there.
         unsafe {
-            crate::host_copy::copy_rows(&b, &b, &h.dups);
+            crate::host_copy::copy_rows(b, b, &h.dups);
             let commit: Vec<(u32, u32)> = h.commit.iter().map(|&r| (r, r)).collect();
-            crate::host_copy::copy_rows(&w, &b, &commit);
+            crate::host_copy::copy_rows(w, b, &commit);
         }
     }
 

@@ -36,6 +36,9 @@ enum State {
     Moved,
 }
 
+/// A registered tensor, its geometry at registration and its name.
+type Held = (Py<PyAny>, Geometry, String);
+
 /// One layer's receives and sends in rows, checked against a placement row.
 #[pyclass(name = "MappedLayer", module = "eplb_xfer._core", frozen)]
 pub struct PyMappedLayer {
@@ -62,11 +65,9 @@ pub struct PyNixlEngine {
     mode: Mode,
     host: bool,
     layout: RankLayout,
-    /// Every registered tensor with the geometry it had at registration.
-    held: Vec<(Py<PyAny>, Geometry, String)>,
-    /// `held` index of `weights[l][0]`, of `buffer[0]`.
-    weights_at: Vec<usize>,
-    buffer_at: usize,
+    /// Every registered tensor with the geometry it had at registration:
+    /// the weights layer by layer, then the buffer, then the packed layer.
+    held: Vec<Held>,
     node_of_rank: Vec<u32>,
     directions: Vec<String>,
     rounds: Vec<u32>,
@@ -137,6 +138,14 @@ fn failure_dict<'py>(py: Python<'py>, f: &Failure) -> PyResult<Bound<'py, PyDict
 }
 
 impl PyNixlEngine {
+    /// `held` indices of the tensors of weights layer `layer`, or of the
+    /// buffer for `None`.
+    fn held_of(&self, layer: Option<usize>) -> std::ops::Range<usize> {
+        let t = self.layout.n_tensors();
+        let at = layer.unwrap_or(self.layout.n_layers()) * t;
+        at..at + t
+    }
+
     fn running(&self) -> PyResult<Arc<Transport>> {
         let g = self.state.lock().unwrap_or_else(|p| p.into_inner());
         match &*g {
@@ -160,16 +169,14 @@ impl PyNixlEngine {
     /// pointer (one call per tensor on the hot path), and the shape once per
     /// rebalance. A tensor given other storage or resized fails here.
     fn check_unchanged(&self, py: Python<'_>, layer: Option<usize>) -> PyResult<()> {
-        let t = self.layout.n_tensors();
-        let mut idx: Vec<usize> = (self.buffer_at..self.buffer_at + t).collect();
-        match layer {
-            Some(l) => {
-                if let Some(&w) = self.weights_at.get(l) {
-                    idx.extend(w..w + t);
-                }
-            }
-            None => idx.extend(0..self.held.len()),
-        }
+        // The buffer first, then the layer's weights (or everything else).
+        let buffer = self.held_of(None);
+        let (rest, tail) = match layer {
+            Some(l) if l < self.layout.n_layers() => (self.held_of(Some(l)), 0..0),
+            Some(_) => (0..0, 0..0),
+            None => (0..buffer.start, buffer.end..self.held.len()),
+        };
+        let idx = buffer.chain(rest).chain(tail);
         let changed = |name: &str| {
             PyValueError::new_err(format!(
                 "{name}: was reallocated or resized since this communicator registered it; create a new communicator"
@@ -308,26 +315,19 @@ fn device_of(g: &Geometry, name: &str) -> PyResult<(MemKind, u64)> {
 
 /// Reads every tensor's geometry and builds this rank's layout (validated,
 /// no aliasing), keeping the tensors for later checks.
-#[allow(clippy::type_complexity)]
 pub(crate) fn layout_from_tensors(
     weights: &[Vec<Bound<'_, PyAny>>],
     buffer: &[Bound<'_, PyAny>],
     packed: Option<&Bound<'_, PyAny>>,
-) -> PyResult<(
-    RankLayout,
-    Vec<(Py<PyAny>, Geometry, String)>,
-    Vec<usize>,
-    usize,
-    MemKind,
-)> {
+) -> PyResult<(RankLayout, Vec<Held>, MemKind)> {
     if buffer.is_empty() {
         return Err(PyValueError::new_err(
             "expert_buffer: expected a non-empty list of tensors",
         ));
     }
-    let mut held: Vec<(Py<PyAny>, Geometry, String)> = Vec::new();
+    let mut held: Vec<Held> = Vec::new();
     fn hold(
-        held: &mut Vec<(Py<PyAny>, Geometry, String)>,
+        held: &mut Vec<Held>,
         t: &Bound<'_, PyAny>,
         name: String,
     ) -> PyResult<(Geometry, TensorRows)> {
@@ -341,11 +341,9 @@ pub(crate) fn layout_from_tensors(
         held.push((t.clone().unbind(), g.clone(), name));
         Ok((g, rows))
     }
-    let mut weights_at = Vec::with_capacity(weights.len());
     let mut w_rows = Vec::with_capacity(weights.len());
     let mut first: Option<Geometry> = None;
     for (l, layer) in weights.iter().enumerate() {
-        weights_at.push(l * buffer.len());
         let mut v = Vec::with_capacity(layer.len());
         for (t, x) in layer.iter().enumerate() {
             let (g, r) = hold(&mut held, x, format!("expert_weights[{l}][{t}]"))?;
@@ -417,7 +415,7 @@ pub(crate) fn layout_from_tensors(
     layout
         .check_aliasing()
         .map_err(|e| PyValueError::new_err(e.to_string()))?;
-    Ok((layout, held, weights_at, buffer_at, mem))
+    Ok((layout, held, mem))
 }
 
 #[pymethods]
@@ -449,8 +447,7 @@ impl PyNixlEngine {
                 "rank: {rank} is outside world size {world}"
             )));
         }
-        let (layout, held, weights_at, buffer_at, mem) =
-            layout_from_tensors(&weights, &buffer, packed.as_ref())?;
+        let (layout, held, mem) = layout_from_tensors(&weights, &buffer, packed.as_ref())?;
         let device_id = layout.device_id;
         let cfg = TransportConfig {
             rank,
@@ -479,8 +476,6 @@ impl PyNixlEngine {
             host: mem == MemKind::Dram,
             layout,
             held,
-            weights_at,
-            buffer_at,
             node_of_rank: Vec::new(),
             directions: Vec::new(),
             rounds: Vec::new(),
@@ -640,9 +635,13 @@ impl PyNixlEngine {
             Ok(())
         };
         for (l, layer) in weights.iter().enumerate() {
-            check(layer, self.weights_at[l], &format!("expert_weights[{l}]"))?;
+            check(
+                layer,
+                self.held_of(Some(l)).start,
+                &format!("expert_weights[{l}]"),
+            )?;
         }
-        check(&buffer, self.buffer_at, "expert_buffer")?;
+        check(&buffer, self.held_of(None).start, "expert_buffer")?;
         self.check_unchanged(py, None)
     }
 

@@ -131,23 +131,7 @@ fn local_node_key() -> String {
 /// Dense node ids (first appearance order) of per-rank node keys.
 #[pyfunction]
 fn node_ids(keys: Vec<String>) -> Vec<u32> {
-    let facts: Vec<crate::nixl::topology::RankFacts> = keys
-        .into_iter()
-        .map(|k| crate::nixl::topology::RankFacts {
-            node_key: k,
-            rdma: false,
-            cuda_get_zcopy: true,
-            host_get: true,
-        })
-        .collect();
-    crate::nixl::topology::Topology::new(
-        &facts,
-        false,
-        crate::nixl::topology::DirectionChoice::Auto,
-        crate::nixl::topology::Schedule::All,
-        None,
-    )
-    .node_of_rank
+    crate::nixl::topology::renumber(&keys)
 }
 
 #[pymodule]
