@@ -325,6 +325,7 @@ def main(argv: list[str] | None = None) -> int:
         text = json.dumps(
             {"machine": platform.platform(), "repeats": args.repeats, "timing": rows}, indent=1
         )
+        out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(text + "\n", encoding="utf-8")
         print(f"wrote {out}")
         return 0
