@@ -127,6 +127,25 @@ impl DescriptorSpace {
         v
     }
 
+    /// Appends the descriptor indices of one expert row (one per tensor):
+    /// row `src_row` of `layer` in the serving rank's list to `src`, buffer
+    /// row `dst_row` in the receiving rank's list to `dst`. The transport
+    /// builds every READ and WRITE request with this.
+    #[inline]
+    pub fn push_row(
+        &self,
+        layer: usize,
+        src_row: u32,
+        dst_row: u32,
+        src: &mut Vec<i32>,
+        dst: &mut Vec<i32>,
+    ) {
+        for t in 0..self.n_tensors {
+            src.push(self.remote_index(layer, src_row as usize, t));
+            dst.push(self.local_index(dst_row as usize, t));
+        }
+    }
+
     /// Groups `(src_rank, src_row, dst_row)` reads into one request per source.
     /// Callers pass them sorted by source; unsorted input stays correct but
     /// makes one request per run of equal sources.
@@ -145,11 +164,7 @@ impl DescriptorSpace {
                 });
             }
             let Some(pr) = out.last_mut() else { continue };
-            for t in 0..self.n_tensors {
-                pr.local.push(self.local_index(dst_row as usize, t));
-                pr.remote
-                    .push(self.remote_index(layer, src_row as usize, t));
-            }
+            self.push_row(layer, src_row, dst_row, &mut pr.remote, &mut pr.local);
             pr.rows += 1;
         }
         out

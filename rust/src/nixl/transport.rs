@@ -1041,10 +1041,7 @@ impl Core {
         src_idx.clear();
         dst_idx.clear();
         for &(s, d) in &t.rows {
-            for k in 0..self.space.n_tensors {
-                src_idx.push(self.space.remote_index(layer, s as usize, k));
-                dst_idx.push(self.space.local_index(d as usize, k));
-            }
+            self.space.push_row(layer, s, d, src_idx, dst_idx);
         }
         let (local_idx, remote_idx) = match op {
             XferOp::Read => (&*dst_idx, &*src_idx),
